@@ -1,0 +1,118 @@
+//! The gRPC surface: `ingest.v1.Ingest`. Turns requests into validated batches,
+//! admits them, hands them to the publisher and maps every outcome to a status.
+
+mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    admission::Admission,
+    proto::{PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
+    publisher::Publisher,
+    validate::{self, Limits},
+};
+
+/// Largest encoded size of one event's metadata: id, topic, content type, time and
+/// 64 attributes of the largest size, with protobuf framing.
+const MAX_EVENT_METADATA: usize = validate::MAX_ID_BYTES
+    + 2 * validate::MAX_SHORT_STRING
+    + validate::MAX_ATTRIBUTES
+        * (validate::MAX_ATTRIBUTE_KEY_BYTES + validate::MAX_ATTRIBUTE_VALUE_BYTES + 16)
+    + 64;
+
+/// The largest request message tonic will decode. Anything bigger is refused with
+/// `OUT_OF_RANGE` before it is buffered: a request can never hold more than
+/// `max-batch-events` maximal events, and never more than the whole byte buffer
+/// (plus one event's metadata), since such a request could never be admitted.
+pub fn max_message_bytes(limits: &Limits, buffer_bytes: usize) -> usize {
+    let per_event = limits.max_event_bytes.saturating_add(MAX_EVENT_METADATA);
+    limits
+        .max_batch_events
+        .saturating_mul(per_event)
+        .min(buffer_bytes.saturating_add(MAX_EVENT_METADATA))
+}
+
+/// The `ingest.v1.Ingest` service.
+#[derive(Debug)]
+pub struct IngestService {
+    /// The shared bound every request is admitted against.
+    admission: Arc<Admission>,
+    /// Where admitted batches go.
+    publisher: Publisher,
+    /// Request limits from configuration.
+    limits: Limits,
+    /// `RetryInfo` delay for `RESOURCE_EXHAUSTED`.
+    retry_after: Duration,
+    /// Cancelled when shutdown begins: new calls are refused from then on.
+    draining: CancellationToken,
+}
+
+impl IngestService {
+    /// Builds the service over the shared admission and publisher.
+    pub fn new(
+        admission: Arc<Admission>,
+        publisher: Publisher,
+        limits: Limits,
+        retry_after: Duration,
+        draining: CancellationToken,
+    ) -> Self {
+        Self {
+            admission,
+            publisher,
+            limits,
+            retry_after,
+            draining,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(status::shutting_down());
+        }
+        let batch = validate::validate_batch(request.into_inner().events, &self.limits)
+            .map_err(status::invalid)?;
+        // Fail fast while the broker is away, before taking room in the buffer.
+        if !self.publisher.state().connected {
+            return Err(status::publish_failed(
+                &crate::publisher::PublishError::Disconnected,
+                None,
+            ));
+        }
+        let permit = self
+            .admission
+            .try_admit(batch.len(), batch.bytes())
+            .map_err(|e| status::not_admitted(e, self.retry_after))?;
+        let ids = batch.ids();
+        let events = batch.len();
+        // From here the batch task owns the permit: if this call is cancelled (the
+        // caller's deadline or disconnect), the events are still settled with the
+        // broker and the permit is released then.
+        let outcome = self
+            .publisher
+            .publish(batch.into_events(), permit, None)
+            .map_err(|e| status::publish_failed(&e, None))?
+            .await;
+        match outcome.failure {
+            None => Ok(Response::new(PublishResponse { ids })),
+            Some(failure) => Err(status::batch_failed(&failure, events)),
+        }
+    }
+
+    async fn publish_stream(
+        &self,
+        _request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<PublishStreamResponse>, Status> {
+        Err(Status::unimplemented(
+            "PublishStream is not implemented yet; use Publish",
+        ))
+    }
+}

@@ -1,0 +1,1136 @@
+//! Start-up configuration: command-line flags and `INGEST_*` environment
+//! variables, parsed once into a typed [`Config`].
+//!
+//! Parsing happens in two steps, in the manner of linkerd2-proxy's `env.rs`:
+//!
+//! 1. clap collects every setting as a raw `String` into [`Args`]. Nothing is
+//!    interpreted there, so clap never stops at the first bad value.
+//! 2. `Config::try_from(args)` interprets every field, runs the cross-field
+//!    checks and reports *all* problems at once in a [`ConfigError`], one line
+//!    per problem, each naming the flag, the environment variable, the value
+//!    given and what was expected. An operator fixing a deployment sees every
+//!    mistake in one go instead of one per restart.
+//!
+//! The names of the flags and variables are relied on by deployments; do not
+//! rename them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default for `--listen` / `INGEST_LISTEN`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// Default for `--admin-listen` / `INGEST_ADMIN_LISTEN`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9464";
+/// Default for `--amqp-url` / `INGEST_AMQP_URL`.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Default for `--exchange` / `INGEST_EXCHANGE`.
+pub const DEFAULT_EXCHANGE: &str = "events";
+/// Default for `--declare-exchange` / `INGEST_DECLARE_EXCHANGE`.
+pub const DEFAULT_DECLARE_EXCHANGE: &str = "true";
+/// Default for `--accept-unroutable` / `INGEST_ACCEPT_UNROUTABLE`.
+pub const DEFAULT_ACCEPT_UNROUTABLE: &str = "false";
+/// Default for `--buffer-events` / `INGEST_BUFFER_EVENTS`.
+pub const DEFAULT_BUFFER_EVENTS: &str = "10000";
+/// Default for `--buffer-bytes` / `INGEST_BUFFER_BYTES` (64 MiB).
+pub const DEFAULT_BUFFER_BYTES: &str = "67108864";
+/// Default for `--max-event-bytes` / `INGEST_MAX_EVENT_BYTES` (1 MiB).
+pub const DEFAULT_MAX_EVENT_BYTES: &str = "1048576";
+/// Default for `--max-batch-events` / `INGEST_MAX_BATCH_EVENTS`.
+pub const DEFAULT_MAX_BATCH_EVENTS: &str = "1000";
+/// Default for `--confirm-timeout` / `INGEST_CONFIRM_TIMEOUT`.
+pub const DEFAULT_CONFIRM_TIMEOUT: &str = "10s";
+/// Default for `--drain-timeout` / `INGEST_DRAIN_TIMEOUT`.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "25s";
+/// Default for `--channels` / `INGEST_CHANNELS`.
+pub const DEFAULT_CHANNELS: &str = "4";
+/// Default for `--reconnect-max-backoff` / `INGEST_RECONNECT_MAX_BACKOFF`.
+pub const DEFAULT_RECONNECT_MAX_BACKOFF: &str = "30s";
+/// Default for `--retry-after` / `INGEST_RETRY_AFTER`.
+pub const DEFAULT_RETRY_AFTER: &str = "250ms";
+
+/// Upper bound of `--channels`. Each channel holds its own window of
+/// unconfirmed publishes; beyond a few hundred the broker spends more on
+/// channel bookkeeping than the extra parallelism buys.
+pub const MAX_CHANNELS: usize = 256;
+
+/// AMQP 0-9-1 exchange names are `shortstr`s: at most 255 bytes.
+const MAX_EXCHANGE_NAME_BYTES: usize = 255;
+
+/// Raw settings as given on the command line or in the environment.
+///
+/// Every field is a `String` on purpose: interpretation happens in
+/// `Config::try_from`, which reports every bad value at once.
+#[derive(Clone, Debug, PartialEq, Eq, Parser)]
+#[command(
+    name = "ingest",
+    version,
+    about = "Accepts events over gRPC and publishes them to RabbitMQ, \
+             answering only once the broker has confirmed them."
+)]
+pub struct Args {
+    /// Address the gRPC ingest service listens on. Bind 0.0.0.0 in containers
+    /// so the pod network can reach it.
+    #[arg(long, env = "INGEST_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+
+    /// Address of the admin endpoint (metrics, health). Kept apart from the
+    /// gRPC port so it can stay off the public load balancer.
+    #[arg(long, env = "INGEST_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: String,
+
+    /// Broker to publish to (amqp:// or amqps://). The vhost is the URL path,
+    /// percent-encoded: `%2f` is the default vhost `/`. --help does not show
+    /// the value from the environment, since it usually carries a password.
+    #[arg(
+        long,
+        env = "INGEST_AMQP_URL",
+        default_value = DEFAULT_AMQP_URL,
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// Topic exchange events are published to. It must be named: the default
+    /// (empty-named) exchange only routes by queue name, not by topic.
+    #[arg(long, env = "INGEST_EXCHANGE", default_value = DEFAULT_EXCHANGE)]
+    pub exchange: String,
+
+    /// Declare the exchange (durable, topic) at start. Turn off where the
+    /// service's broker user may not configure exchanges and the exchange is
+    /// provisioned separately.
+    #[arg(
+        long,
+        env = "INGEST_DECLARE_EXCHANGE",
+        default_value = DEFAULT_DECLARE_EXCHANGE,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "true|false"
+    )]
+    pub declare_exchange: String,
+
+    /// Answer OK for events that no queue received (the broker returned them
+    /// as unroutable) instead of FAILED_PRECONDITION. Only for setups where
+    /// dropping events with no consumer bound yet is acceptable.
+    #[arg(
+        long,
+        env = "INGEST_ACCEPT_UNROUTABLE",
+        default_value = DEFAULT_ACCEPT_UNROUTABLE,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "true|false"
+    )]
+    pub accept_unroutable: String,
+
+    /// Most events admitted and not yet confirmed by the broker. Bounds memory
+    /// and the work lost on a crash; when full, callers get
+    /// RESOURCE_EXHAUSTED and retry instead of queueing without bound.
+    #[arg(long, env = "INGEST_BUFFER_EVENTS", default_value = DEFAULT_BUFFER_EVENTS)]
+    pub buffer_events: String,
+
+    /// Most payload bytes admitted and not yet confirmed (e.g. 64MiB). The
+    /// event count alone does not bound memory when events are large.
+    #[arg(long, env = "INGEST_BUFFER_BYTES", default_value = DEFAULT_BUFFER_BYTES)]
+    pub buffer_bytes: String,
+
+    /// Largest single event payload (e.g. 1MiB). Large messages hurt broker
+    /// throughput for everyone; reject them at the edge. Must not exceed
+    /// --buffer-bytes.
+    #[arg(long, env = "INGEST_MAX_EVENT_BYTES", default_value = DEFAULT_MAX_EVENT_BYTES)]
+    pub max_event_bytes: String,
+
+    /// Most events in one request. Keeps one caller from taking the whole
+    /// buffer in a single call. Must not exceed --buffer-events.
+    #[arg(long, env = "INGEST_MAX_BATCH_EVENTS", default_value = DEFAULT_MAX_BATCH_EVENTS)]
+    pub max_batch_events: String,
+
+    /// How long to wait for the broker to confirm a publish (e.g. 10s) before
+    /// answering the caller with an error it can retry. Without it a stuck
+    /// broker would hold requests and buffer space forever.
+    #[arg(long, env = "INGEST_CONFIRM_TIMEOUT", default_value = DEFAULT_CONFIRM_TIMEOUT)]
+    pub confirm_timeout: String,
+
+    /// On SIGTERM, how long to keep waiting for outstanding confirms before
+    /// exiting (e.g. 25s). Keep it below the orchestrator's grace period
+    /// (30s on Kubernetes) so the process exits on its own terms.
+    #[arg(long, env = "INGEST_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT)]
+    pub drain_timeout: String,
+
+    /// Number of confirm-mode AMQP channels to publish on (1..=256). One
+    /// channel serialises all publishes; a few spread the work over cores.
+    #[arg(long, env = "INGEST_CHANNELS", default_value = DEFAULT_CHANNELS)]
+    pub channels: String,
+
+    /// Cap of the exponential backoff between broker connection attempts
+    /// (e.g. 30s), so a long outage does not stretch the time to recover.
+    #[arg(
+        long,
+        env = "INGEST_RECONNECT_MAX_BACKOFF",
+        default_value = DEFAULT_RECONNECT_MAX_BACKOFF
+    )]
+    pub reconnect_max_backoff: String,
+
+    /// Delay suggested to callers (gRPC RetryInfo) when answering
+    /// RESOURCE_EXHAUSTED (e.g. 250ms), so well-behaved clients back off
+    /// instead of hammering a full buffer.
+    #[arg(long, env = "INGEST_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER)]
+    pub retry_after: String,
+}
+
+/// The defaults, without reading the command line or the environment.
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.to_owned(),
+            amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            exchange: DEFAULT_EXCHANGE.to_owned(),
+            declare_exchange: DEFAULT_DECLARE_EXCHANGE.to_owned(),
+            accept_unroutable: DEFAULT_ACCEPT_UNROUTABLE.to_owned(),
+            buffer_events: DEFAULT_BUFFER_EVENTS.to_owned(),
+            buffer_bytes: DEFAULT_BUFFER_BYTES.to_owned(),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES.to_owned(),
+            max_batch_events: DEFAULT_MAX_BATCH_EVENTS.to_owned(),
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT.to_owned(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT.to_owned(),
+            channels: DEFAULT_CHANNELS.to_owned(),
+            reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF.to_owned(),
+            retry_after: DEFAULT_RETRY_AFTER.to_owned(),
+        }
+    }
+}
+
+/// Validated configuration. See [`Args`] for what each setting is for.
+///
+/// Note: `amqp_url` usually carries a password, so do not log this struct
+/// with `{:?}`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Admin (metrics, health) listen address.
+    pub admin_listen: SocketAddr,
+    /// Broker URL; starts with `amqp://` or `amqps://`.
+    pub amqp_url: String,
+    /// Named exchange to publish to (1..=255 bytes).
+    pub exchange: String,
+    /// Declare the exchange at start.
+    pub declare_exchange: bool,
+    /// Answer OK for unroutable (returned) messages.
+    pub accept_unroutable: bool,
+    /// Events admitted and not yet confirmed, at most (≥ 1).
+    pub buffer_events: usize,
+    /// Payload bytes admitted and not yet confirmed, at most (≥ 1).
+    pub buffer_bytes: usize,
+    /// Largest event payload (1..=`buffer_bytes`).
+    pub max_event_bytes: usize,
+    /// Most events per request (1..=`buffer_events`).
+    pub max_batch_events: usize,
+    /// Wait for a publisher confirm at most this long (> 0).
+    pub confirm_timeout: Duration,
+    /// Wait for outstanding confirms on shutdown at most this long (> 0).
+    pub drain_timeout: Duration,
+    /// Confirm-mode channels (1..=[`MAX_CHANNELS`]).
+    pub channels: usize,
+    /// Cap of the reconnect backoff (> 0).
+    pub reconnect_max_backoff: Duration,
+    /// RetryInfo delay on RESOURCE_EXHAUSTED (> 0).
+    pub retry_after: Duration,
+}
+
+impl Config {
+    /// Reads flags and `INGEST_*` variables and validates them.
+    ///
+    /// clap handles `--help`, `--version` and unknown flags itself (printing
+    /// and exiting the process); every other problem comes back in the
+    /// [`ConfigError`].
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::try_from(Args::parse())
+    }
+
+    /// Like [`Config::load`], but from the given arguments (the first is the
+    /// program name) and without exiting the process: clap's own errors,
+    /// including `--help`, come back as a [`ConfigError`] with clap's text.
+    ///
+    /// `INGEST_*` environment variables are still read for settings not
+    /// given as flags.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args)
+            .map_err(|e| ConfigError(vec![e.render().to_string().trim_end().to_owned()]))?;
+        Config::try_from(args)
+    }
+}
+
+/// The defaults of the table in [`Args`], run through the same parser as any
+/// other input so that they cannot drift from the documented values.
+///
+/// Panics only if a `DEFAULT_*` constant is invalid, which the tests rule out;
+/// meant for start-up and tests, not request paths.
+impl Default for Config {
+    fn default() -> Self {
+        Config::try_from(Args::default()).expect("defaults are valid")
+    }
+}
+
+/// Every problem found in the configuration, one per entry, each naming the
+/// flag and environment variable, the value given and what was expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(problem)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A setting's two names, as shown in error messages.
+#[derive(Clone, Copy)]
+struct Setting {
+    flag: &'static str,
+    env: &'static str,
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} / {}", self.flag, self.env)
+    }
+}
+
+macro_rules! settings {
+    ($($name:ident = $flag:literal, $env:literal;)*) => {
+        $(const $name: Setting = Setting { flag: $flag, env: $env };)*
+        /// All settings, to check against the clap definition in tests.
+        #[cfg(test)]
+        const ALL_SETTINGS: &[Setting] = &[$($name),*];
+    };
+}
+
+settings! {
+    LISTEN = "--listen", "INGEST_LISTEN";
+    ADMIN_LISTEN = "--admin-listen", "INGEST_ADMIN_LISTEN";
+    AMQP_URL = "--amqp-url", "INGEST_AMQP_URL";
+    EXCHANGE = "--exchange", "INGEST_EXCHANGE";
+    DECLARE_EXCHANGE = "--declare-exchange", "INGEST_DECLARE_EXCHANGE";
+    ACCEPT_UNROUTABLE = "--accept-unroutable", "INGEST_ACCEPT_UNROUTABLE";
+    BUFFER_EVENTS = "--buffer-events", "INGEST_BUFFER_EVENTS";
+    BUFFER_BYTES = "--buffer-bytes", "INGEST_BUFFER_BYTES";
+    MAX_EVENT_BYTES = "--max-event-bytes", "INGEST_MAX_EVENT_BYTES";
+    MAX_BATCH_EVENTS = "--max-batch-events", "INGEST_MAX_BATCH_EVENTS";
+    CONFIRM_TIMEOUT = "--confirm-timeout", "INGEST_CONFIRM_TIMEOUT";
+    DRAIN_TIMEOUT = "--drain-timeout", "INGEST_DRAIN_TIMEOUT";
+    CHANNELS = "--channels", "INGEST_CHANNELS";
+    RECONNECT_MAX_BACKOFF = "--reconnect-max-backoff", "INGEST_RECONNECT_MAX_BACKOFF";
+    RETRY_AFTER = "--retry-after", "INGEST_RETRY_AFTER";
+}
+
+/// Collects problems while every field is parsed.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// Parses one setting; on failure records the problem and returns `None`.
+    fn parse<T>(
+        &mut self,
+        setting: Setting,
+        raw: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(raw) {
+            Ok(value) => Some(value),
+            Err(why) => {
+                self.report(setting, why);
+                None
+            }
+        }
+    }
+
+    fn report(&mut self, setting: Setting, why: impl fmt::Display) {
+        self.0.push(format!("{setting}: {why}"));
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let mut problems = Problems::default();
+        let p = &mut problems;
+
+        let listen = p.parse(LISTEN, &args.listen, parse_socket_addr);
+        let admin_listen = p.parse(ADMIN_LISTEN, &args.admin_listen, parse_socket_addr);
+        let amqp_url = p.parse(AMQP_URL, &args.amqp_url, parse_amqp_url);
+        let exchange = p.parse(EXCHANGE, &args.exchange, parse_exchange);
+        let declare_exchange = p.parse(DECLARE_EXCHANGE, &args.declare_exchange, parse_bool);
+        let accept_unroutable = p.parse(ACCEPT_UNROUTABLE, &args.accept_unroutable, parse_bool);
+        let buffer_events = p.parse(BUFFER_EVENTS, &args.buffer_events, |s| {
+            at_least_one(s, parse_count(s)?, "the buffer could never admit an event")
+        });
+        let buffer_bytes = p.parse(BUFFER_BYTES, &args.buffer_bytes, |s| {
+            at_least_one(s, parse_size(s)?, "the buffer could never admit an event")
+        });
+        let max_event_bytes = p.parse(MAX_EVENT_BYTES, &args.max_event_bytes, |s| {
+            at_least_one(s, parse_size(s)?, "every event would be refused")
+        });
+        let max_batch_events = p.parse(MAX_BATCH_EVENTS, &args.max_batch_events, |s| {
+            at_least_one(s, parse_count(s)?, "every request would be refused")
+        });
+        let confirm_timeout = p.parse(CONFIRM_TIMEOUT, &args.confirm_timeout, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "every publish would time out at once",
+            )
+        });
+        let drain_timeout = p.parse(DRAIN_TIMEOUT, &args.drain_timeout, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "shutdown would drop unconfirmed events",
+            )
+        });
+        let channels = p.parse(CHANNELS, &args.channels, |s| {
+            let n = parse_count(s)?;
+            if (1..=MAX_CHANNELS).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "{s:?} is out of range (expected 1..={MAX_CHANNELS} channels)"
+                ))
+            }
+        });
+        let reconnect_max_backoff =
+            p.parse(RECONNECT_MAX_BACKOFF, &args.reconnect_max_backoff, |s| {
+                positive(s, parse_duration(s)?, "reconnects would spin without pause")
+            });
+        let retry_after = p.parse(RETRY_AFTER, &args.retry_after, |s| {
+            positive(s, parse_duration(s)?, "callers would retry without pause")
+        });
+
+        // Cross-field checks, only where both sides parsed.
+        if let (Some(event), Some(buffer)) = (max_event_bytes, buffer_bytes)
+            && event > buffer
+        {
+            p.report(
+                MAX_EVENT_BYTES,
+                format_args!(
+                    "{:?} ({event} bytes) exceeds {BUFFER_BYTES} {:?} ({buffer} bytes): \
+                     an event larger than the whole buffer could never be admitted",
+                    args.max_event_bytes, args.buffer_bytes,
+                ),
+            );
+        }
+        if let (Some(batch), Some(buffer)) = (max_batch_events, buffer_events)
+            && batch > buffer
+        {
+            p.report(
+                MAX_BATCH_EVENTS,
+                format_args!(
+                    "{:?} exceeds {BUFFER_EVENTS} {:?}: \
+                     a batch larger than the whole buffer could never be admitted",
+                    args.max_batch_events, args.buffer_events,
+                ),
+            );
+        }
+
+        let (
+            Some(listen),
+            Some(admin_listen),
+            Some(amqp_url),
+            Some(exchange),
+            Some(declare_exchange),
+            Some(accept_unroutable),
+            Some(buffer_events),
+            Some(buffer_bytes),
+            Some(max_event_bytes),
+            Some(max_batch_events),
+            Some(confirm_timeout),
+            Some(drain_timeout),
+            Some(channels),
+            Some(reconnect_max_backoff),
+            Some(retry_after),
+        ) = (
+            listen,
+            admin_listen,
+            amqp_url,
+            exchange,
+            declare_exchange,
+            accept_unroutable,
+            buffer_events,
+            buffer_bytes,
+            max_event_bytes,
+            max_batch_events,
+            confirm_timeout,
+            drain_timeout,
+            channels,
+            reconnect_max_backoff,
+            retry_after,
+        )
+        else {
+            // Every `None` above came with a recorded problem.
+            debug_assert!(!problems.0.is_empty());
+            return Err(ConfigError(problems.0));
+        };
+        if !problems.0.is_empty() {
+            return Err(ConfigError(problems.0));
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            amqp_url,
+            exchange,
+            declare_exchange,
+            accept_unroutable,
+            buffer_events,
+            buffer_bytes,
+            max_event_bytes,
+            max_batch_events,
+            confirm_timeout,
+            drain_timeout,
+            channels,
+            reconnect_max_backoff,
+            retry_after,
+        })
+    }
+}
+
+const SIZE_EXPECTED: &str = "expected bytes, e.g. 65536, 64KiB, 1MiB";
+const DURATION_EXPECTED: &str = "expected a number with a unit ms, s or m, e.g. 250ms, 10s, 2m";
+
+/// Parses a byte size: a whole number of bytes, optionally followed (with or
+/// without a space) by `B`, `KiB`, `MiB` or `GiB`. Units are binary
+/// (1 KiB = 1024 B); `KB`/`MB`/`GB` are refused as ambiguous.
+///
+/// On error, returns a message quoting the value and saying what is expected.
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let s = raw.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits_end);
+    let unit = unit.trim_start();
+    if number.is_empty() {
+        return Err(format!("{raw:?} is not a size ({SIZE_EXPECTED})"));
+    }
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "k" | "K" | "KB" | "kB" | "M" | "MB" | "G" | "GB" => {
+            return Err(format!(
+                "{raw:?} has an ambiguous unit {unit:?} (use binary units KiB, MiB or GiB, \
+                 e.g. 64KiB, 1MiB)"
+            ));
+        }
+        _ => return Err(format!("{raw:?} is not a size ({SIZE_EXPECTED})")),
+    };
+    let too_large = || format!("{raw:?} is too large (at most {} bytes)", usize::MAX);
+    // Digits only, so the only possible parse failure is overflow.
+    let number: u64 = number.parse().map_err(|_| too_large())?;
+    let bytes = number.checked_mul(multiplier).ok_or_else(too_large)?;
+    usize::try_from(bytes).map_err(|_| too_large())
+}
+
+/// Parses a duration: a whole number followed (with or without a space) by a
+/// unit `ms`, `s` or `m` (minutes). A bare number is refused: "10" could mean
+/// seconds or milliseconds, and guessing wrong is a thousandfold error.
+///
+/// On error, returns a message quoting the value and saying what is expected.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let s = raw.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits_end);
+    let unit = unit.trim_start();
+    if number.is_empty() {
+        return Err(format!("{raw:?} is not a duration ({DURATION_EXPECTED})"));
+    }
+    if unit.is_empty() {
+        return Err(format!(
+            "{raw:?} needs a unit (ms, s or m, e.g. {number}ms or {number}s)"
+        ));
+    }
+    let too_large = || format!("{raw:?} is too large a duration");
+    let number: u64 = number.parse().map_err(|_| too_large())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => number
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(too_large),
+        _ => Err(format!(
+            "{raw:?} has an unknown unit {unit:?} ({DURATION_EXPECTED})"
+        )),
+    }
+}
+
+/// Whole, non-negative number without unit.
+fn parse_count(raw: &str) -> Result<usize, String> {
+    let s = raw.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{raw:?} is not a whole number (expected e.g. 1000)"
+        ));
+    }
+    s.parse()
+        .map_err(|_| format!("{raw:?} is too large (at most {})", usize::MAX))
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    let s = raw.trim();
+    if s.eq_ignore_ascii_case("true") {
+        Ok(true)
+    } else if s.eq_ignore_ascii_case("false") {
+        Ok(false)
+    } else {
+        Err(format!("{raw:?} is not a boolean (expected true or false)"))
+    }
+}
+
+fn parse_socket_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.trim().parse().map_err(|_| {
+        format!(
+            "{raw:?} is not a socket address (expected IP:port, e.g. 0.0.0.0:50051 or [::]:50051)"
+        )
+    })
+}
+
+fn parse_amqp_url(raw: &str) -> Result<String, String> {
+    // Never echo a password into logs: quote the URL with it masked.
+    let shown = redact_password(raw);
+    if raw.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "{shown:?} contains whitespace (a trailing newline from a secret file?)"
+        ));
+    }
+    let lower = raw.to_ascii_lowercase();
+    let rest = ["amqp://", "amqps://"]
+        .iter()
+        .find_map(|scheme| lower.strip_prefix(scheme));
+    match rest {
+        None => Err(format!(
+            "{shown:?} is not an AMQP URL (expected amqp://… or amqps://…, \
+             e.g. {DEFAULT_AMQP_URL})"
+        )),
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => Err(format!(
+            "{shown:?} has no host (expected e.g. {DEFAULT_AMQP_URL})"
+        )),
+        Some(_) => Ok(raw.to_owned()),
+    }
+}
+
+fn parse_exchange(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Err(
+            "\"\" is the AMQP default exchange, which routes by queue name only \
+             (expected a named exchange for topic routing, e.g. events)"
+                .to_owned(),
+        );
+    }
+    if raw.len() > MAX_EXCHANGE_NAME_BYTES {
+        return Err(format!(
+            "the name is {} bytes long (AMQP allows at most {MAX_EXCHANGE_NAME_BYTES})",
+            raw.len()
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
+fn at_least_one(raw: &str, n: usize, why: &str) -> Result<usize, String> {
+    if n >= 1 {
+        Ok(n)
+    } else {
+        Err(format!("{raw:?} must be at least 1 ({why})"))
+    }
+}
+
+fn positive(raw: &str, d: Duration, why: &str) -> Result<Duration, String> {
+    if d > Duration::ZERO {
+        Ok(d)
+    } else {
+        Err(format!("{raw:?} must be greater than zero ({why})"))
+    }
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}***{}",
+        &url[..scheme_end + colon + 1],
+        &url[scheme_end + at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn config(args: Args) -> Result<Config, ConfigError> {
+        Config::try_from(args)
+    }
+
+    fn problems(args: Args) -> Vec<String> {
+        match config(args) {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn defaults_equal_the_table() {
+        let c = Config::default();
+        assert_eq!(c.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(c.admin_listen, "0.0.0.0:9464".parse().unwrap());
+        assert_eq!(c.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(c.exchange, "events");
+        assert!(c.declare_exchange);
+        assert!(!c.accept_unroutable);
+        assert_eq!(c.buffer_events, 10_000);
+        assert_eq!(c.buffer_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.max_event_bytes, 1024 * 1024);
+        assert_eq!(c.max_batch_events, 1000);
+        assert_eq!(c.confirm_timeout, Duration::from_secs(10));
+        assert_eq!(c.drain_timeout, Duration::from_secs(25));
+        assert_eq!(c.channels, 4);
+        assert_eq!(c.reconnect_max_backoff, Duration::from_secs(30));
+        assert_eq!(c.retry_after, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn clap_definition_matches_names_and_defaults() {
+        let cmd = Args::command();
+        cmd.clone().debug_assert();
+        let clap_args: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "version"))
+            .collect();
+        assert_eq!(clap_args.len(), ALL_SETTINGS.len());
+        for s in ALL_SETTINGS {
+            let arg = clap_args
+                .iter()
+                .find(|a| a.get_long().map(|l| format!("--{l}")).as_deref() == Some(s.flag))
+                .unwrap_or_else(|| panic!("no clap arg for {}", s.flag));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(s.env));
+            assert_eq!(
+                arg.get_default_values().len(),
+                1,
+                "{} has a default",
+                s.flag
+            );
+        }
+        // Args::default() is what clap produces with nothing given (other
+        // than the environment, which is why this builds the matches without
+        // env lookups: every value comes from default_value).
+        let mut no_env = Args::command();
+        for s in ALL_SETTINGS {
+            let id = s.flag.trim_start_matches("--").replace('-', "_");
+            no_env = no_env.mut_arg(id, |a| a.env(None::<&str>));
+        }
+        let matches = no_env.try_get_matches_from(["ingest"]).unwrap();
+        let parsed = <Args as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(parsed, Args::default());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("64 KiB"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("512 B"), Ok(512));
+        assert_eq!(parse_size(" 1MiB "), Ok(1 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+
+        let e = parse_size("12XB").unwrap_err();
+        assert_eq!(
+            e,
+            r#""12XB" is not a size (expected bytes, e.g. 65536, 64KiB, 1MiB)"#
+        );
+        assert!(parse_size("-1").unwrap_err().contains("is not a size"));
+        assert!(parse_size("").unwrap_err().contains("is not a size"));
+        assert!(parse_size("KiB").unwrap_err().contains("is not a size"));
+        assert!(parse_size("1.5MiB").unwrap_err().contains("is not a size"));
+        assert!(parse_size("+5").unwrap_err().contains("is not a size"));
+        assert!(parse_size("1MB").unwrap_err().contains("ambiguous unit"));
+        assert!(parse_size("1kib").is_err());
+
+        assert!(
+            parse_size("99999999999999999999")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_size("18446744073709551615GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_size("17179869184GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10 s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+
+        let e = parse_duration("10").unwrap_err();
+        assert!(e.contains("needs a unit"), "{e}");
+        assert!(e.contains("\"10\""), "{e}");
+        let e = parse_duration("abc").unwrap_err();
+        assert!(e.contains("is not a duration"), "{e}");
+        assert!(
+            parse_duration("")
+                .unwrap_err()
+                .contains("is not a duration")
+        );
+        assert!(parse_duration("10h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("2M").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(
+            parse_duration("18446744073709551615m")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_duration("99999999999999999999s")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn all_errors_reported_at_once() {
+        let errs = problems(Args {
+            buffer_bytes: "12XB".into(),
+            confirm_timeout: "10".into(),
+            listen: "nowhere".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("--listen / INGEST_LISTEN: \"nowhere\""))
+        );
+        assert!(errs.contains(
+            &r#"--buffer-bytes / INGEST_BUFFER_BYTES: "12XB" is not a size (expected bytes, e.g. 65536, 64KiB, 1MiB)"#
+                .to_owned()
+        ));
+        assert!(errs.iter().any(|e| {
+            e.starts_with("--confirm-timeout / INGEST_CONFIRM_TIMEOUT: \"10\" needs a unit")
+        }));
+
+        // Display: one problem per line.
+        let shown = ConfigError(errs.clone()).to_string();
+        assert_eq!(shown.lines().count(), 3);
+        assert_eq!(shown.lines().collect::<Vec<_>>(), errs);
+    }
+
+    #[test]
+    fn every_field_is_checked() {
+        let errs = problems(Args {
+            listen: "x".into(),
+            admin_listen: "x".into(),
+            amqp_url: "x".into(),
+            exchange: "".into(),
+            declare_exchange: "x".into(),
+            accept_unroutable: "x".into(),
+            buffer_events: "x".into(),
+            buffer_bytes: "x".into(),
+            max_event_bytes: "x".into(),
+            max_batch_events: "x".into(),
+            confirm_timeout: "x".into(),
+            drain_timeout: "x".into(),
+            channels: "x".into(),
+            reconnect_max_backoff: "x".into(),
+            retry_after: "x".into(),
+        });
+        assert_eq!(errs.len(), ALL_SETTINGS.len(), "{errs:#?}");
+        for (s, e) in ALL_SETTINGS.iter().zip(&errs) {
+            assert!(e.starts_with(&format!("{} / {}: ", s.flag, s.env)), "{e}");
+        }
+    }
+
+    #[test]
+    fn zero_and_range_checks() {
+        let errs = problems(Args {
+            buffer_events: "0".into(),
+            buffer_bytes: "0".into(),
+            max_event_bytes: "0B".into(),
+            max_batch_events: "0".into(),
+            confirm_timeout: "0s".into(),
+            drain_timeout: "0ms".into(),
+            reconnect_max_backoff: "0m".into(),
+            retry_after: "0ms".into(),
+            channels: "0".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 9, "{errs:#?}");
+        assert!(errs.iter().any(|e| {
+            e.starts_with("--buffer-events / INGEST_BUFFER_EVENTS: \"0\" must be at least 1")
+        }));
+        assert!(errs.iter().any(|e| {
+            e.starts_with("--buffer-bytes / INGEST_BUFFER_BYTES: \"0\" must be at least 1")
+        }));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--confirm-timeout / INGEST_CONFIRM_TIMEOUT: \"0s\" must be greater than zero"
+        )));
+        assert!(errs.iter().any(|e| {
+            e.starts_with("--channels / INGEST_CHANNELS: \"0\" is out of range (expected 1..=256")
+        }));
+
+        let errs = problems(Args {
+            channels: "257".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].contains("\"257\" is out of range"), "{errs:?}");
+        for ok in ["1", "256"] {
+            let c = config(Args {
+                channels: ok.into(),
+                ..Args::default()
+            })
+            .unwrap();
+            assert_eq!(c.channels.to_string(), ok);
+        }
+    }
+
+    #[test]
+    fn cross_field_errors() {
+        let errs = problems(Args {
+            buffer_bytes: "1MiB".into(),
+            max_event_bytes: "2MiB".into(),
+            buffer_events: "100".into(),
+            max_batch_events: "101".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert_eq!(
+            errs[0],
+            "--max-event-bytes / INGEST_MAX_EVENT_BYTES: \"2MiB\" (2097152 bytes) exceeds \
+             --buffer-bytes / INGEST_BUFFER_BYTES \"1MiB\" (1048576 bytes): an event larger \
+             than the whole buffer could never be admitted"
+        );
+        assert!(errs[1].starts_with("--max-batch-events / INGEST_MAX_BATCH_EVENTS: \"101\" exceeds --buffer-events / INGEST_BUFFER_EVENTS \"100\""));
+
+        // Equal is fine.
+        let c = config(Args {
+            buffer_bytes: "1MiB".into(),
+            max_event_bytes: "1048576".into(),
+            buffer_events: "100".into(),
+            max_batch_events: "100".into(),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.max_event_bytes, c.buffer_bytes);
+        assert_eq!(c.max_batch_events, c.buffer_events);
+
+        // No cross-field noise when one side is already broken.
+        let errs = problems(Args {
+            buffer_bytes: "junk".into(),
+            max_event_bytes: "2GiB".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+    }
+
+    #[test]
+    fn amqp_url_and_exchange() {
+        for ok in [
+            "amqp://localhost",
+            "amqps://u:p@broker.example:5671/vhost",
+            "AMQP://host/%2f",
+        ] {
+            let c = config(Args {
+                amqp_url: ok.into(),
+                ..Args::default()
+            })
+            .unwrap();
+            assert_eq!(c.amqp_url, ok);
+        }
+        let errs = problems(Args {
+            amqp_url: "http://user:hunter2@host/".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with(
+                "--amqp-url / INGEST_AMQP_URL: \"http://user:***@host/\" is not an AMQP URL"
+            ),
+            "{errs:?}"
+        );
+        assert!(!errs[0].contains("hunter2"));
+
+        let errs = problems(Args {
+            amqp_url: "amqp://u:hunter2@host/\n".into(),
+            ..Args::default()
+        });
+        assert!(errs[0].contains("whitespace"), "{errs:?}");
+        assert!(!errs[0].contains("hunter2"));
+        assert!(
+            problems(Args {
+                amqp_url: "amqp://".into(),
+                ..Args::default()
+            })[0]
+                .contains("has no host")
+        );
+
+        let errs = problems(Args {
+            exchange: "".into(),
+            ..Args::default()
+        });
+        assert!(
+            errs[0].starts_with("--exchange / INGEST_EXCHANGE: \"\" is the AMQP default exchange")
+        );
+        let errs = problems(Args {
+            exchange: "x".repeat(256),
+            ..Args::default()
+        });
+        assert!(errs[0].contains("256 bytes long"), "{errs:?}");
+        assert!(
+            config(Args {
+                exchange: "x".repeat(255),
+                ..Args::default()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_password("amqp://u:p@h:1/v"), "amqp://u:***@h:1/v");
+        assert_eq!(redact_password("amqp://u@h/v"), "amqp://u@h/v");
+        assert_eq!(redact_password("amqp://h/v@x"), "amqp://h/v@x");
+        assert_eq!(redact_password("nonsense"), "nonsense");
+        assert_eq!(redact_password("amqp://u:p:q@h"), "amqp://u:***@h");
+    }
+
+    #[test]
+    fn flags_are_parsed() {
+        let c = Config::from_args([
+            "ingest",
+            "--listen",
+            "127.0.0.1:6000",
+            "--admin-listen=[::1]:9000",
+            "--amqp-url",
+            "amqps://u:p@mq:5671/prod",
+            "--exchange",
+            "audit",
+            "--declare-exchange",
+            "false",
+            "--accept-unroutable",
+            "--buffer-events",
+            "500",
+            "--buffer-bytes",
+            "1MiB",
+            "--max-event-bytes",
+            "64 KiB",
+            "--max-batch-events",
+            "50",
+            "--confirm-timeout",
+            "3s",
+            "--drain-timeout",
+            "1m",
+            "--channels",
+            "8",
+            "--reconnect-max-backoff",
+            "2m",
+            "--retry-after",
+            "100ms",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(c.admin_listen, "[::1]:9000".parse().unwrap());
+        assert_eq!(c.amqp_url, "amqps://u:p@mq:5671/prod");
+        assert_eq!(c.exchange, "audit");
+        assert!(!c.declare_exchange);
+        assert!(c.accept_unroutable);
+        assert_eq!(c.buffer_events, 500);
+        assert_eq!(c.buffer_bytes, 1 << 20);
+        assert_eq!(c.max_event_bytes, 64 << 10);
+        assert_eq!(c.max_batch_events, 50);
+        assert_eq!(c.confirm_timeout, Duration::from_secs(3));
+        assert_eq!(c.drain_timeout, Duration::from_secs(60));
+        assert_eq!(c.channels, 8);
+        assert_eq!(c.reconnect_max_backoff, Duration::from_secs(120));
+        assert_eq!(c.retry_after, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn flag_errors_are_collected_and_clap_errors_mapped() {
+        let e = Config::from_args([
+            "ingest",
+            "--buffer-bytes",
+            "12XB",
+            "--channels",
+            "many",
+            "--retry-after",
+            "10",
+        ])
+        .unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        assert!(e.0[0].starts_with("--buffer-bytes / INGEST_BUFFER_BYTES: \"12XB\""));
+        assert!(e.0[1].starts_with("--channels / INGEST_CHANNELS: \"many\""));
+        assert!(e.0[2].starts_with("--retry-after / INGEST_RETRY_AFTER: \"10\""));
+
+        let e = Config::from_args(["ingest", "--no-such-flag"]).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0].contains("--no-such-flag"), "{e}");
+
+        let e = Config::from_args(["ingest", "--help"]).unwrap_err();
+        assert!(e.0[0].contains("INGEST_BUFFER_BYTES"), "{e}");
+    }
+
+    #[test]
+    fn bools() {
+        for (raw, want) in [
+            ("true", true),
+            ("false", false),
+            ("TRUE", true),
+            (" False ", false),
+        ] {
+            assert_eq!(parse_bool(raw), Ok(want));
+        }
+        for bad in ["yes", "1", ""] {
+            assert!(
+                parse_bool(bad)
+                    .unwrap_err()
+                    .contains("expected true or false")
+            );
+        }
+    }
+}

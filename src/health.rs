@@ -1,0 +1,37 @@
+//! gRPC health (`grpc.health.v1`): the overall status and `ingest.v1.Ingest` are
+//! `SERVING` exactly while the broker connection is up and the service is not draining.
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::publisher::BrokerState;
+
+/// The service name health reports under, besides the overall `""`.
+pub const SERVICE_NAME: &str = "ingest.v1.Ingest";
+
+/// Keeps health in step with the broker state until the process ends. On draining it
+/// reports `NOT_SERVING` at once and stays so.
+pub async fn follow(
+    reporter: HealthReporter,
+    mut broker: watch::Receiver<BrokerState>,
+    draining: CancellationToken,
+) {
+    loop {
+        let serving = broker.borrow_and_update().connected && !draining.is_cancelled();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(SERVICE_NAME, status).await;
+        if draining.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            changed = broker.changed() => if changed.is_err() { return },
+            () = draining.cancelled() => {}
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! ingest: a gRPC front door that forwards events to RabbitMQ and answers OK only
+//! after the broker confirmed them.
+//!
+//! Data flow, one module per stage: [`api`] → [`validate`] → [`admission`] →
+//! [`publisher`]; beside them [`config`], [`telemetry`], [`health`] and [`shutdown`].
+//! `main` parses the configuration and calls [`run`]; tests call the same [`App`] on a
+//! listener bound to an ephemeral port.
+
+pub mod admission;
+pub mod api;
+pub mod config;
+pub mod health;
+pub mod publisher;
+pub mod shutdown;
+pub mod telemetry;
+pub mod validate;
+
+/// Code generated from `proto/ingest/v1/ingest.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]
+pub mod proto {
+    tonic::include_proto!("ingest.v1");
+
+    /// Encoded descriptors of the proto files, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ingest_descriptor");
+}
+
+use std::{future::Future, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle, time::Instant};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admission::{Admission, Usage},
+    api::IngestService,
+    config::Config,
+    proto::ingest_server::IngestServer,
+    publisher::{BrokerState, Publisher, PublisherSettings},
+    validate::Limits,
+};
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration could not be turned into a running service.
+    #[error("cannot start: {0}")]
+    Start(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The drain deadline passed with events still unconfirmed.
+    #[error("drain timeout: {} events ({} bytes) were still unconfirmed", .0.events, .0.bytes)]
+    DrainTimeout(Usage),
+}
+
+/// The wired service: admission, publisher and the gRPC surface, before it serves.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    /// The shared bound; exposed so tests and metrics can read it.
+    admission: Arc<Admission>,
+    /// The broker side; owns the connection supervisor.
+    publisher: Publisher,
+    /// The supervisor task, awaited on shutdown so the connection closes cleanly.
+    supervisor: JoinHandle<()>,
+    /// Cancelled when shutdown begins.
+    draining: CancellationToken,
+}
+
+impl App {
+    /// Wires the stages and starts connecting to the broker in the background. Must be
+    /// called inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Self, RunError> {
+        let admission = Arc::new(Admission::new(config.buffer_events, config.buffer_bytes));
+        let (publisher, supervisor) = Publisher::start(PublisherSettings {
+            amqp_url: config.amqp_url.clone(),
+            exchange: config.exchange.clone(),
+            declare_exchange: config.declare_exchange,
+            accept_unroutable: config.accept_unroutable,
+            channels: config.channels,
+            confirm_timeout: config.confirm_timeout,
+            reconnect_max_backoff: config.reconnect_max_backoff,
+        })
+        .map_err(|e| RunError::Start(e.to_string()))?;
+        Ok(Self {
+            config,
+            admission,
+            publisher,
+            supervisor,
+            draining: CancellationToken::new(),
+        })
+    }
+
+    /// The shared admission bound.
+    pub fn admission(&self) -> Arc<Admission> {
+        Arc::clone(&self.admission)
+    }
+
+    /// Follows the broker connection state.
+    pub fn broker_state(&self) -> watch::Receiver<BrokerState> {
+        self.publisher.watch_state()
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves, then drains: health
+    /// `NOT_SERVING` at once, new calls refused, in-flight calls and confirms given
+    /// until the drain timeout, the AMQP connection closed.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let Self {
+            config,
+            admission,
+            publisher,
+            supervisor,
+            draining,
+        } = self;
+        let limits = Limits {
+            max_event_bytes: config.max_event_bytes,
+            max_batch_events: config.max_batch_events,
+        };
+        let max_message = api::max_message_bytes(&limits, config.buffer_bytes);
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        tokio::spawn(health::follow(
+            reporter,
+            publisher.watch_state(),
+            draining.clone(),
+        ));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| RunError::Start(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| RunError::Start(e.to_string()))?;
+
+        let ingest = IngestServer::new(IngestService::new(
+            Arc::clone(&admission),
+            publisher.clone(),
+            limits,
+            config.retry_after,
+            draining.clone(),
+        ))
+        .max_decoding_message_size(max_message);
+
+        let local = listener.local_addr().ok();
+        tracing::info!(listen = ?local, max_message, buffer_events = config.buffer_events, buffer_bytes = config.buffer_bytes, "serving gRPC");
+
+        let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(ingest)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut server => {
+                // The server ended on its own: an accept error. Clean up and report it.
+                publisher.close();
+                let _ = supervisor.await;
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(RunError::Serve(e)),
+                    Err(e) => Err(RunError::Start(e.to_string())),
+                };
+            }
+        }
+
+        let deadline = Instant::now() + config.drain_timeout;
+        tracing::info!(drain_timeout = ?config.drain_timeout, in_flight = admission.in_use().events, "draining");
+        draining.cancel();
+        let _ = stop_accepting.send(());
+        if tokio::time::timeout_at(deadline, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("calls still open at the drain deadline; closing them");
+            server.abort();
+        }
+        let left = shutdown::drained(&admission, deadline).await;
+        publisher.close();
+        let _ = supervisor.await;
+        if left.events > 0 {
+            tracing::error!(
+                events = left.events,
+                bytes = left.bytes,
+                "drain deadline passed with events unconfirmed"
+            );
+            return Err(RunError::DrainTimeout(left));
+        }
+        tracing::info!("drained; bye");
+        Ok(())
+    }
+}
+
+/// Runs the service until `shutdown` resolves and the drain ends.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    App::new(config)?.serve(listener, shutdown).await
+}

@@ -1,0 +1,91 @@
+//! The AMQP side of one event: properties, publish with `mandatory`, and the confirm.
+
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::BasicPublishOptions,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use tokio::time::{Instant, timeout_at};
+
+use super::PublishError;
+use crate::validate::ValidEvent;
+
+/// AMQP `delivery_mode` 2: the broker writes the message to disk in durable queues.
+const PERSISTENT: u8 = 2;
+
+/// Publishes one event and waits for its confirm, both before `deadline`.
+///
+/// The future owns the `PublisherConfirm` until it settles; it must therefore run in a
+/// task the caller cannot cancel (see `Publisher::publish`): lapin keeps a dropped,
+/// unsettled confirm in a list that only `wait_for_confirms` empties.
+pub(super) async fn publish_one(
+    channel: &Channel,
+    exchange: &ShortString,
+    event: &ValidEvent,
+    deadline: Instant,
+    accept_unroutable: bool,
+) -> Result<(), PublishError> {
+    let routing_key = short(event.topic())?;
+    let properties = properties(event)?;
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let publish = channel.basic_publish(
+        exchange.clone(),
+        routing_key,
+        options,
+        event.payload(),
+        properties,
+    );
+    let confirm = match timeout_at(deadline, publish).await {
+        Ok(Ok(confirm)) => confirm,
+        Ok(Err(err)) => return Err(PublishError::Channel(err.to_string())),
+        Err(_) => return Err(PublishError::ConfirmTimeout),
+    };
+    match timeout_at(deadline, confirm).await {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) if accept_unroutable => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable {
+            topic: event.topic().to_owned(),
+            reason: returned.reply_text.to_string(),
+        }),
+        Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Channel(
+            "channel is not in confirm mode".to_owned(),
+        )),
+        Ok(Err(err)) => Err(PublishError::Channel(err.to_string())),
+        Err(_) => Err(PublishError::ConfirmTimeout),
+    }
+}
+
+/// Maps an event onto AMQP properties: persistent, `message_id` = id, content type,
+/// timestamp, attributes as string headers.
+fn properties(event: &ValidEvent) -> Result<BasicProperties, PublishError> {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(short(event.id())?);
+    if let Some(content_type) = event.content_type() {
+        props = props.with_content_type(short(content_type)?);
+    }
+    if let Some(timestamp) = event.timestamp() {
+        props = props.with_timestamp(timestamp);
+    }
+    if !event.attributes().is_empty() {
+        let mut headers = FieldTable::default();
+        for (key, value) in event.attributes() {
+            headers.insert(
+                short(key)?,
+                AMQPValue::LongString(LongString::from(value.as_bytes())),
+            );
+        }
+        props = props.with_headers(headers);
+    }
+    Ok(props)
+}
+
+/// Validation keeps every short string within 255 bytes; this keeps lapin's
+/// panicking `From<&str>` off the request path all the same.
+fn short(value: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(value).map_err(|err| PublishError::Channel(err.to_string()))
+}

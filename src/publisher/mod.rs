@@ -1,0 +1,296 @@
+//! Publisher: the only stage that speaks AMQP.
+//!
+//! It offers "publish these events, tell me each outcome" and hides the connection,
+//! the confirm-mode channels, confirms, returns and reconnects. A batch is published
+//! by a task that owns the batch's admission permit, so the permit is released exactly
+//! once, when the last event of the batch is settled (ack, nack, return, timeout or
+//! channel error), whether or not the caller is still waiting for the answer.
+
+mod amqp;
+mod supervisor;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use lapin::{Channel, types::ShortString};
+use tokio::{
+    sync::{Notify, oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{admission::Permit, validate::ValidEvent};
+
+/// What the publisher needs from configuration.
+#[derive(Clone, Debug)]
+pub struct PublisherSettings {
+    /// Broker address, `amqp://user:pass@host:port/vhost`.
+    pub amqp_url: String,
+    /// Exchange every event is published to; routing key = topic.
+    pub exchange: String,
+    /// Declare the exchange (durable topic) on every connect; otherwise check it exists.
+    pub declare_exchange: bool,
+    /// Answer OK for events no queue received (`mandatory` returns) instead of failing them.
+    pub accept_unroutable: bool,
+    /// Confirm-mode channels to spread batches over.
+    pub channels: usize,
+    /// Longest wait from publish to confirm before the event fails as `UNAVAILABLE`.
+    pub confirm_timeout: Duration,
+    /// Cap of the exponential backoff between connection attempts.
+    pub reconnect_max_backoff: Duration,
+}
+
+/// Why an event was not confirmed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// No connection to the broker right now.
+    #[error("not connected to RabbitMQ")]
+    Disconnected,
+    /// The broker refused responsibility for the message (`basic.nack`).
+    #[error("RabbitMQ nacked the message")]
+    Nacked,
+    /// No queue is bound for the routing key (`mandatory` message returned).
+    #[error("unroutable: no queue is bound for topic {topic:?} ({reason})")]
+    Unroutable {
+        /// The event's topic.
+        topic: String,
+        /// The broker's reply text, e.g. `NO_ROUTE`.
+        reason: String,
+    },
+    /// No confirm arrived within the confirm timeout.
+    #[error("no confirm from RabbitMQ within the confirm timeout")]
+    ConfirmTimeout,
+    /// The channel or connection failed while the message was in flight; the outcome
+    /// is unknown, so a retry with the same id may duplicate.
+    #[error("AMQP channel failed: {0}")]
+    Channel(String),
+    /// The service is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Broker connection state, for health, readiness and fast failure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerState {
+    /// A connection with open confirm channels is in place.
+    pub connected: bool,
+    /// The broker sent `connection.blocked` (memory or disk alarm).
+    pub blocked: bool,
+}
+
+/// What became of one batch.
+#[derive(Debug)]
+pub struct BatchOutcome {
+    /// Events in the batch.
+    pub events: usize,
+    /// Leading events confirmed before the first failure (all of them if none failed).
+    pub confirmed: usize,
+    /// The first failure, if any.
+    pub failure: Option<BatchFailure>,
+}
+
+/// The first event of a batch that was not confirmed, and how many were not.
+#[derive(Debug)]
+pub struct BatchFailure {
+    /// Position of the first failed event in the batch.
+    pub index: usize,
+    /// Why it failed.
+    pub error: PublishError,
+    /// How many events of the batch failed in all.
+    pub failed: usize,
+}
+
+/// A cheap handle to the publisher; clones share one connection.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: PublisherSettings,
+    /// Exchange name, converted once.
+    exchange: ShortString,
+    /// The open channels; `None` while disconnected. Read per batch, written on
+    /// (re)connect, so a plain `RwLock` around an `Arc` costs one uncontended read.
+    pool: RwLock<Option<Arc<Pool>>>,
+    /// Connection state for health and readiness; the supervisor is the only writer.
+    state: watch::Sender<BrokerState>,
+    /// Woken when a publish saw a dead channel, so the supervisor replaces it.
+    repair: Notify,
+    /// Round-robin cursor over channels.
+    next: AtomicUsize,
+    /// Tells the supervisor to close the connection and stop.
+    stop: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Pool {
+    channels: Vec<Channel>,
+}
+
+impl Publisher {
+    /// Starts the connection supervisor in the background and returns at once: a
+    /// broker that is down at start must not stop the service from serving.
+    pub fn start(settings: PublisherSettings) -> Result<(Self, JoinHandle<()>), PublishError> {
+        let exchange = ShortString::try_new(settings.exchange.clone())
+            .map_err(|err| PublishError::Channel(err.to_string()))?;
+        let (state, _) = watch::channel(BrokerState::default());
+        let shared = Arc::new(Shared {
+            settings,
+            exchange,
+            pool: RwLock::new(None),
+            state,
+            repair: Notify::new(),
+            next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        });
+        let task = tokio::spawn(supervisor::run(Arc::clone(&shared)));
+        Ok((Self { shared }, task))
+    }
+
+    /// Current broker state.
+    pub fn state(&self) -> BrokerState {
+        *self.shared.state.borrow()
+    }
+
+    /// Follows the broker state.
+    pub fn watch_state(&self) -> watch::Receiver<BrokerState> {
+        self.shared.state.subscribe()
+    }
+
+    /// A channel lane for a caller that wants all its batches on one channel (keeping
+    /// their order on the broker), e.g. a stream.
+    pub fn lane(&self) -> usize {
+        self.shared.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Publishes `events` in order on one channel and settles each of them; the
+    /// returned [`Pending`] resolves to the outcome. The work runs in its own task
+    /// holding `permit`, bounded by admission: dropping `Pending` (a cancelled caller)
+    /// does not cancel the publish, it only stops listening.
+    pub fn publish(
+        &self,
+        events: Vec<ValidEvent>,
+        permit: Permit,
+        lane: Option<usize>,
+    ) -> Result<Pending, PublishError> {
+        if self.shared.stop.is_cancelled() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let channel = self.channel(lane)?;
+        let shared = Arc::clone(&self.shared);
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + shared.settings.confirm_timeout;
+        tokio::spawn(async move {
+            let outcome = publish_batch(&shared, &channel, &events, deadline).await;
+            // Settled: give the room back before answering, so a caller that retries
+            // at once finds it free.
+            drop(permit);
+            let _ = tx.send(outcome);
+        });
+        Ok(Pending(rx))
+    }
+
+    /// Closes the connection cleanly and stops reconnecting. In-flight batches fail
+    /// with a channel error; callers drain them first.
+    pub fn close(&self) {
+        self.shared.stop.cancel();
+    }
+
+    fn channel(&self, lane: Option<usize>) -> Result<Channel, PublishError> {
+        let pool = self
+            .shared
+            .pool
+            .read()
+            .map_err(|_| PublishError::Disconnected)?
+            .clone()
+            .ok_or(PublishError::Disconnected)?;
+        let n = pool.channels.len();
+        let start = lane.unwrap_or_else(|| self.lane());
+        // Prefer the chosen channel; skip over one the broker closed until it is replaced.
+        for i in 0..n {
+            let channel = &pool.channels[(start + i) % n];
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            self.shared.repair.notify_one();
+        }
+        Err(PublishError::Disconnected)
+    }
+}
+
+async fn publish_batch(
+    shared: &Shared,
+    channel: &Channel,
+    events: &[ValidEvent],
+    deadline: Instant,
+) -> BatchOutcome {
+    // `join_all` polls every publish once, in order, before awaiting any confirm:
+    // the whole batch is pipelined on the channel, in order.
+    let results = futures::future::join_all(events.iter().map(|event| {
+        amqp::publish_one(
+            channel,
+            &shared.exchange,
+            event,
+            deadline,
+            shared.settings.accept_unroutable,
+        )
+    }))
+    .await;
+    let mut outcome = BatchOutcome {
+        events: events.len(),
+        confirmed: 0,
+        failure: None,
+    };
+    for (index, result) in results.into_iter().enumerate() {
+        match (result, &mut outcome.failure) {
+            (Ok(()), None) => outcome.confirmed += 1,
+            (Ok(()), Some(_)) => {}
+            (Err(error), None) => {
+                if matches!(error, PublishError::Channel(_)) {
+                    shared.repair.notify_one();
+                }
+                outcome.failure = Some(BatchFailure {
+                    index,
+                    error,
+                    failed: 1,
+                });
+            }
+            (Err(_), Some(failure)) => failure.failed += 1,
+        }
+    }
+    outcome
+}
+
+/// The answer to one [`Publisher::publish`].
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<BatchOutcome>);
+
+impl Future for Pending {
+    type Output = BatchOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BatchOutcome> {
+        Pin::new(&mut self.0).poll(cx).map(|result| {
+            // The task only ends without an answer if the runtime is shutting down.
+            result.unwrap_or(BatchOutcome {
+                events: 0,
+                confirmed: 0,
+                failure: Some(BatchFailure {
+                    index: 0,
+                    error: PublishError::ShuttingDown,
+                    failed: 0,
+                }),
+            })
+        })
+    }
+}

@@ -1,0 +1,211 @@
+//! The connection supervisor: connects, declares topology, opens the confirm-mode
+//! channels, watches the connection, and reconnects with capped exponential backoff
+//! and jitter. It is the only writer of the channel pool and of the broker state.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties, Event, ExchangeKind,
+    options::{ConfirmSelectOptions, ExchangeDeclareOptions},
+    types::FieldTable,
+};
+use tokio::time::{sleep, timeout};
+
+use super::{BrokerState, Pool, Shared};
+
+/// First retry delay; doubles per failed attempt up to the configured cap.
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// A connect that takes longer than this (e.g. a black-holed address) counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a live connection's status is re-read, besides its events.
+const STATUS_POLL: Duration = Duration::from_secs(1);
+/// Closing waits at most this long: lapin's `close` hangs on a blocked connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(super) async fn run(shared: Arc<Shared>) {
+    let mut attempt: u32 = 0;
+    loop {
+        let connected = tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => return,
+            result = timeout(CONNECT_TIMEOUT, connect(&shared)) => {
+                result.unwrap_or_else(|_| Err("connect timed out".into()))
+            }
+        };
+        match connected {
+            Ok(connection) => {
+                attempt = 0;
+                tracing::info!(exchange = %shared.settings.exchange, channels = shared.settings.channels, "connected to RabbitMQ");
+                let reason = watch(&shared, &connection).await;
+                set_pool(&shared, None);
+                shared.state.send_replace(BrokerState::default());
+                if shared.stop.is_cancelled() {
+                    let _ = timeout(
+                        CLOSE_TIMEOUT,
+                        connection.close(200, "ingest shutting down".into()),
+                    )
+                    .await;
+                    tracing::info!("RabbitMQ connection closed");
+                    return;
+                }
+                tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
+            }
+            Err(error) => {
+                tracing::warn!(%error, attempt, "cannot connect to RabbitMQ");
+            }
+        }
+        let delay = backoff(attempt, shared.settings.reconnect_max_backoff);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = shared.stop.cancelled() => return,
+            () = sleep(delay) => {}
+        }
+    }
+}
+
+/// Opens the connection, the topology and the channels, and installs the pool.
+async fn connect(shared: &Shared) -> Result<Connection, String> {
+    let settings = &shared.settings;
+    let properties = ConnectionProperties::default().with_connection_name("ingest".into());
+    let connection = Connection::connect(&settings.amqp_url, properties)
+        .await
+        .map_err(|e| e.to_string())?;
+    let setup = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let options = ExchangeDeclareOptions {
+        passive: !settings.declare_exchange,
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    setup
+        .exchange_declare(
+            shared.exchange.clone(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("declaring exchange {:?}: {e}", settings.exchange))?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let mut channels = Vec::with_capacity(settings.channels);
+    for _ in 0..settings.channels {
+        channels.push(open_channel(&connection).await?);
+    }
+    set_pool(shared, Some(Pool { channels }));
+    shared.state.send_replace(BrokerState {
+        connected: true,
+        blocked: connection.status().blocked(),
+    });
+    Ok(connection)
+}
+
+async fn open_channel(connection: &Connection) -> Result<lapin::Channel, String> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(channel)
+}
+
+/// Follows a live connection until it fails or the publisher is stopped; replaces
+/// channels the broker closed. Returns why it ended.
+async fn watch(shared: &Shared, connection: &Connection) -> String {
+    let mut events = connection.events_listener();
+    let mut poll = tokio::time::interval(STATUS_POLL);
+    loop {
+        tokio::select! {
+            () = shared.stop.cancelled() => return "shutting down".into(),
+            event = events.next() => match event {
+                Some(Event::Error(error)) => return error.to_string(),
+                Some(Event::ConnectionBlocked(reason)) => {
+                    tracing::warn!(%reason, "RabbitMQ blocked publishing (resource alarm)");
+                    shared.state.send_modify(|s| s.blocked = true);
+                }
+                Some(Event::ConnectionUnblocked) => {
+                    tracing::info!("RabbitMQ unblocked publishing");
+                    shared.state.send_modify(|s| s.blocked = false);
+                }
+                Some(_) => {}
+                None => return "connection events ended".into(),
+            },
+            _ = poll.tick() => {}
+            () = shared.repair.notified() => {}
+        }
+        if !connection.status().connected() {
+            return "connection no longer connected".into();
+        }
+        if let Err(error) = repair(shared, connection).await {
+            return error;
+        }
+    }
+}
+
+/// Replaces channels that are no longer open (e.g. closed by the broker after an error).
+async fn repair(shared: &Shared, connection: &Connection) -> Result<(), String> {
+    let current = shared.pool.read().ok().and_then(|p| p.clone());
+    let Some(pool) = current else { return Ok(()) };
+    if pool.channels.iter().all(|c| c.status().connected()) {
+        return Ok(());
+    }
+    let mut channels = Vec::with_capacity(pool.channels.len());
+    for channel in &pool.channels {
+        if channel.status().connected() {
+            channels.push(channel.clone());
+        } else {
+            tracing::warn!(
+                channel = channel.id(),
+                "AMQP channel closed; opening a new one"
+            );
+            channels.push(open_channel(connection).await?);
+        }
+    }
+    set_pool(shared, Some(Pool { channels }));
+    Ok(())
+}
+
+fn set_pool(shared: &Shared, pool: Option<Pool>) {
+    let mut slot = match shared.pool.write() {
+        Ok(slot) => slot,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    *slot = pool.map(Arc::new);
+}
+
+/// Capped exponential backoff with jitter: a random delay in the upper half of
+/// `min(BASE * 2^attempt, max)`, so many instances do not reconnect in lockstep.
+pub(super) fn backoff(attempt: u32, max: Duration) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+    let cap = exp.min(max);
+    cap / 2 + cap.mul_f64(fastrand::f64() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(30);
+        for _ in 0..100 {
+            let first = backoff(0, max);
+            assert!(
+                first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
+                "{first:?}"
+            );
+            let fifth = backoff(4, max);
+            assert!(
+                fifth >= Duration::from_millis(800) && fifth <= Duration::from_millis(1600),
+                "{fifth:?}"
+            );
+            let late = backoff(40, max);
+            assert!(late >= Duration::from_secs(15) && late <= max, "{late:?}");
+        }
+    }
+}

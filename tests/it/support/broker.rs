@@ -1,0 +1,251 @@
+//! Helpers for observing what actually reached the (shared) RabbitMQ broker.
+//!
+//! The broker is shared between tests and runs, so every exchange and queue
+//! gets a random suffix, queues expire on their own if a test crashes before
+//! [`TestQueue::cleanup`], and nothing relies on global broker state.
+
+use std::time::Duration;
+
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// Where the test broker listens (plain `host:port`, e.g. for a [`super::FaultProxy`]).
+pub const AMQP_ADDR: &str = "127.0.0.1:5672";
+/// AMQP URL of the test broker: guest/guest, default vhost `/`.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Queues self-delete after 10 minutes unused, so a crashed test leaves no
+/// permanent litter on the shared broker.
+const QUEUE_EXPIRES_MS: i32 = 600_000;
+
+/// How often polling helpers re-check the queue depth.
+const POLL: Duration = Duration::from_millis(25);
+
+/// `prefix` + `-` + a random 64-bit hex suffix, so concurrent tests and runs
+/// never collide on the shared broker.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// Connects directly to the broker, panicking with a how-to-fix message if it
+/// is not running (the most common reason integration tests fail locally).
+pub async fn connect_broker() -> Connection {
+    Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ is not reachable at {AMQP_ADDR} ({e}): \
+                 start it with `rabbitmq-server -detached`"
+            )
+        })
+}
+
+/// A durable topic exchange plus a bound, randomly named queue that captures
+/// whatever the service publishes, inspected over a separate direct
+/// connection (never through a fault proxy).
+pub struct TestQueue {
+    pub exchange: String,
+    pub queue: String,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl TestQueue {
+    /// Declares a fresh durable topic exchange `unique("ingest-test")` and a
+    /// queue bound to it with `binding_key` (e.g. `"#"` or `"orders.*"`).
+    pub async fn new(binding_key: &str) -> TestQueue {
+        Self::bind_existing(&unique("ingest-test"), binding_key).await
+    }
+
+    /// Like [`TestQueue::new`] but on a caller-chosen exchange name, e.g. one
+    /// the service is expected to declare itself. The exchange is declared
+    /// here too, with exactly the properties the service uses (durable topic,
+    /// not auto-delete), so either side may declare it first.
+    pub async fn bind_existing(exchange: &str, binding_key: &str) -> TestQueue {
+        let connection = connect_broker().await;
+        let channel = connection.create_channel().await.expect("create channel");
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    auto_delete: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare test exchange");
+
+        let queue = unique("ingest-test-q");
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongInt(QUEUE_EXPIRES_MS));
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .expect("declare test queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind test queue");
+
+        TestQueue {
+            exchange: exchange.to_owned(),
+            queue,
+            connection,
+            channel,
+        }
+    }
+
+    /// Number of ready messages, via a passive `queue.declare`.
+    pub async fn count(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare of test queue")
+            .message_count()
+    }
+
+    /// Polls until `count() >= n` or `timeout` elapses; returns the last
+    /// count so the caller can assert on it with a useful message.
+    pub async fn wait_for_count(&self, n: u32, timeout: Duration) -> u32 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let count = self.count().await;
+            if count >= n || tokio::time::Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Asserts the count is exactly `n` now and stays so for `settle` —
+    /// proves nothing extra (duplicates, late retries) arrives.
+    pub async fn assert_count_stays(&self, n: u32, settle: Duration) {
+        let deadline = tokio::time::Instant::now() + settle;
+        loop {
+            let count = self.count().await;
+            assert_eq!(
+                count, n,
+                "queue {} expected to hold exactly {n} messages",
+                self.queue
+            );
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Removes and acks every message currently in the queue, in queue order.
+    pub async fn take_all(&self) -> Vec<BasicGetMessage> {
+        let mut messages = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get from test queue")
+        {
+            message
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack test message");
+            messages.push(message);
+        }
+        messages
+    }
+
+    /// Drains the queue and returns each message's `message_id` property, in
+    /// order. Panics if a message has none, since the service always sets it.
+    pub async fn message_ids(&self) -> Vec<String> {
+        self.take_all()
+            .await
+            .iter()
+            .map(|m| {
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .expect("message has no message_id property")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Publishes `payload` straight to the exchange (bypassing the service)
+    /// and waits for the broker's confirm — for seeding or checking routing.
+    pub async fn publish(&self, routing_key: &str, payload: &[u8]) {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("create publish channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm_select");
+        let confirmation = channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                payload,
+                BasicProperties::default(),
+            )
+            .await
+            .expect("basic_publish")
+            .await
+            .expect("publisher confirm");
+        assert!(confirmation.is_ack(), "broker nacked test publish");
+        channel
+            .close(200, "OK".into())
+            .await
+            .expect("close channel");
+    }
+
+    /// Deletes the queue and the exchange and closes the connection. Call at
+    /// the end of every test; the queue's `x-expires` covers crashed tests.
+    pub async fn cleanup(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.connection.close(200, "OK".into()).await;
+    }
+}

@@ -1,0 +1,9 @@
+//! Shared integration-test kit: a TCP fault proxy to break the broker link on
+//! demand, and broker-side helpers to observe what was actually published.
+#![allow(dead_code, unused_imports)]
+
+mod broker;
+mod proxy;
+
+pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
+pub use proxy::{FaultProxy, Mode};
