@@ -19,13 +19,7 @@ pub async fn follow(
 ) {
     loop {
         let serving = broker.borrow_and_update().connected && !draining.is_cancelled();
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status(SERVICE_NAME, status).await;
+        report(&reporter, serving).await;
         if draining.is_cancelled() {
             return;
         }
@@ -34,4 +28,16 @@ pub async fn follow(
             () = draining.cancelled() => {}
         }
     }
+}
+
+/// Sets the overall and the service status. `tonic-health` starts the overall status
+/// as `SERVING`; the service calls this with `false` before it accepts a connection.
+pub async fn report(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
 }

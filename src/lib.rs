@@ -123,6 +123,7 @@ impl App {
         let max_message = api::max_message_bytes(&limits, config.buffer_bytes);
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
+        health::report(&reporter, false).await;
         tokio::spawn(health::follow(
             reporter,
             publisher.watch_state(),

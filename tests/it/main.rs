@@ -1,2 +1,4 @@
+mod faults;
+mod shutdown;
 mod support;
 mod support_selftest;

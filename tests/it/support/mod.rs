@@ -4,6 +4,8 @@
 
 mod broker;
 mod proxy;
+mod server;
 
 pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
 pub use proxy::{FaultProxy, Mode};
+pub use server::{TestServer, json_event, request, spawn_server, test_config};

@@ -1,0 +1,137 @@
+//! Starts the real service in-process on an ephemeral port, as `main` does.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use ingest::{
+    RunError,
+    admission::{Admission, Usage},
+    config::Config,
+    proto::{Event, PublishRequest, ingest_client::IngestClient},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Defaults for a test: ephemeral port, the given broker and exchange.
+pub fn test_config(amqp_url: &str, exchange: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        amqp_url: amqp_url.to_owned(),
+        exchange: exchange.to_owned(),
+        ..Config::default()
+    }
+}
+
+/// A running service and what a test needs to observe it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub admission: Arc<Admission>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+}
+
+/// Starts the service with `config` on 127.0.0.1:0.
+pub async fn spawn_server(config: Config) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = ingest::App::new(config).unwrap();
+    let admission = app.admission();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        admission,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> IngestClient<Channel> {
+        IngestClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap();
+        response.into_inner().status()
+    }
+
+    /// Waits until the overall health is `status`; panics after `timeout`.
+    pub async fn wait_health(&self, status: ServingStatus, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = self.health("").await;
+            if now == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health stayed {now:?}, expected {status:?} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until nothing is admitted; panics with the usage after `timeout`.
+    pub async fn wait_admission_idle(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.admission.in_use() != Usage::default() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "admission still holds {:?} after {timeout:?}",
+                self.admission.in_use()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Triggers shutdown and returns how the service ended.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An event with a JSON payload.
+pub fn json_event(topic: &str, id: &str, body: &str) -> Event {
+    Event {
+        id: id.to_owned(),
+        topic: topic.to_owned(),
+        payload: body.as_bytes().to_vec().into(),
+        content_type: "application/json".to_owned(),
+        ..Event::default()
+    }
+}
+
+pub fn request(events: Vec<Event>) -> PublishRequest {
+    PublishRequest { events }
+}
