@@ -20,6 +20,10 @@ pub const MAX_ATTRIBUTES: usize = 64;
 pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 128;
 /// Longest attribute value.
 pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
+/// Most bytes of all attribute keys and values of one event together. AMQP carries
+/// headers in a single frame (RabbitMQ's default `frame_max` is 128 KiB) and a broker
+/// closes the whole connection on an oversized frame, so the sum is capped well below.
+pub const MAX_ATTRIBUTES_TOTAL_BYTES: usize = 64 * 1024;
 /// Attribute names the service sets itself (trace context) or that RabbitMQ gives a
 /// meaning of its own (sender-selected distribution). Compared case-insensitively;
 /// every name starting with `x-` is refused too, as RabbitMQ and its plugins reserve them.
@@ -89,9 +93,13 @@ impl ValidEvent {
     /// every string that travels with it. Always at least 1, so an empty event still
     /// takes a share of the byte bound.
     pub fn size(&self) -> usize {
+        (self.payload.len() + self.topic.len() + self.metadata_size()).max(1)
+    }
+    /// Bytes of everything but the payload: what travels in the AMQP header frame.
+    pub fn metadata_size(&self) -> usize {
         let attributes: usize = self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
         let content_type = self.content_type.as_ref().map_or(0, String::len);
-        (self.payload.len() + self.id.len() + self.topic.len() + content_type + attributes).max(1)
+        self.id.len() + content_type + attributes
     }
     /// Gives the id back, for the response.
     pub fn into_id(self) -> String {
@@ -272,6 +280,16 @@ fn check_attributes(
             format!(
                 "{} attributes, more than the limit of {MAX_ATTRIBUTES}",
                 attributes.len()
+            ),
+        ));
+        return;
+    }
+    let total: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_ATTRIBUTES_TOTAL_BYTES {
+        violations.push(violation(
+            format!("events[{index}].attributes"),
+            format!(
+                "attributes hold {total} bytes in all, more than the limit of {MAX_ATTRIBUTES_TOTAL_BYTES}"
             ),
         ));
         return;
@@ -503,11 +521,22 @@ mod tests {
             );
         }
 
-        let mut ok = event("t");
+        let mut over_total = event("t");
         for i in 0..64 {
-            ok.attributes.insert(format!("k{i}"), "v".repeat(4096));
+            over_total
+                .attributes
+                .insert(format!("k{i}"), "v".repeat(4096));
         }
-        assert!(validate_batch(vec![ok], &LIMITS).is_ok());
+        assert_eq!(fields(vec![over_total]), vec!["events[0].attributes"]);
+
+        // Exactly at the total limit: 16 × (128-byte key + 3968-byte value) = 64 KiB.
+        let mut ok = event("t");
+        for i in 0..16 {
+            ok.attributes.insert(format!("{i:0>128}"), "v".repeat(3968));
+        }
+        assert!(validate_batch(vec![ok.clone()], &LIMITS).is_ok());
+        ok.attributes.insert("k".into(), String::new());
+        assert_eq!(fields(vec![ok]), vec!["events[0].attributes"]);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::{
 /// 64 attributes of the largest size, with protobuf framing.
 const MAX_EVENT_METADATA: usize = validate::MAX_ID_BYTES
     + 2 * validate::MAX_SHORT_STRING
-    + validate::MAX_ATTRIBUTES
-        * (validate::MAX_ATTRIBUTE_KEY_BYTES + validate::MAX_ATTRIBUTE_VALUE_BYTES + 16)
+    + validate::MAX_ATTRIBUTES_TOTAL_BYTES
+    + validate::MAX_ATTRIBUTES * 16
     + 64;
 
 /// The largest request message tonic will decode. Anything bigger is refused with

@@ -71,6 +71,10 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
                 ),
             )
         }
+        PublishError::HeadersTooLarge { index, .. } => invalid(vec![FieldViolation {
+            field: format!("events[{index}].attributes"),
+            description: error.to_string(),
+        }]),
         PublishError::ShuttingDown => shutting_down(),
         PublishError::Disconnected
         | PublishError::Nacked

@@ -73,6 +73,19 @@ pub enum PublishError {
     /// is unknown, so a retry with the same id may duplicate.
     #[error("AMQP channel failed: {0}")]
     Channel(String),
+    /// The event's properties would not fit in one AMQP frame of the size negotiated
+    /// with this broker; sending it would make the broker close the whole connection.
+    #[error(
+        "event metadata of {size} bytes does not fit the broker's frame size ({frame_max} bytes)"
+    )]
+    HeadersTooLarge {
+        /// Position of the event in its batch.
+        index: usize,
+        /// Estimated encoded size of the event's properties.
+        size: usize,
+        /// Negotiated `frame_max`.
+        frame_max: usize,
+    },
     /// The service is shutting down.
     #[error("shutting down")]
     ShuttingDown,
@@ -136,6 +149,18 @@ struct Shared {
 #[derive(Debug)]
 struct Pool {
     channels: Vec<Channel>,
+    /// Largest frame the broker accepts (0: no limit); the content header frame, with
+    /// every property and header, must fit in one.
+    frame_max: usize,
+}
+
+/// Room kept in the header frame for the fixed fields and the encoding of the table.
+const HEADER_FRAME_OVERHEAD: usize = 512;
+/// Encoding overhead per header entry: key length, value type, value length.
+const HEADER_ENTRY_OVERHEAD: usize = 6;
+
+fn header_frame_size(event: &ValidEvent) -> usize {
+    event.metadata_size() + event.attributes().len() * HEADER_ENTRY_OVERHEAD + HEADER_FRAME_OVERHEAD
 }
 
 impl Publisher {
@@ -187,7 +212,20 @@ impl Publisher {
         if self.shared.stop.is_cancelled() {
             return Err(PublishError::ShuttingDown);
         }
-        let channel = self.channel(lane)?;
+        let (channel, frame_max) = self.channel(lane)?;
+        if frame_max > 0
+            && let Some((index, size)) = events
+                .iter()
+                .map(header_frame_size)
+                .enumerate()
+                .find(|&(_, size)| size > frame_max)
+        {
+            return Err(PublishError::HeadersTooLarge {
+                index,
+                size,
+                frame_max,
+            });
+        }
         let shared = Arc::clone(&self.shared);
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + shared.settings.confirm_timeout;
@@ -207,7 +245,7 @@ impl Publisher {
         self.shared.stop.cancel();
     }
 
-    fn channel(&self, lane: Option<usize>) -> Result<Channel, PublishError> {
+    fn channel(&self, lane: Option<usize>) -> Result<(Channel, usize), PublishError> {
         let pool = self
             .shared
             .pool
@@ -221,7 +259,7 @@ impl Publisher {
         for i in 0..n {
             let channel = &pool.channels[(start + i) % n];
             if channel.status().connected() {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), pool.frame_max));
             }
             self.shared.repair.notify_one();
         }

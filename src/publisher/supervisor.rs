@@ -94,7 +94,14 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
     for _ in 0..settings.channels {
         channels.push(open_channel(&connection).await?);
     }
-    set_pool(shared, Some(Pool { channels }));
+    let frame_max = connection.configuration().frame_max() as usize;
+    set_pool(
+        shared,
+        Some(Pool {
+            channels,
+            frame_max,
+        }),
+    );
     shared.state.send_replace(BrokerState {
         connected: true,
         blocked: connection.status().blocked(),
@@ -166,7 +173,13 @@ async fn repair(shared: &Shared, connection: &Connection) -> Result<(), String> 
             channels.push(open_channel(connection).await?);
         }
     }
-    set_pool(shared, Some(Pool { channels }));
+    set_pool(
+        shared,
+        Some(Pool {
+            channels,
+            frame_max: pool.frame_max,
+        }),
+    );
     Ok(())
 }
 

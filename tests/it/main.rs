@@ -1,4 +1,5 @@
 mod faults;
+mod publish;
 mod shutdown;
 mod support;
 mod support_selftest;
