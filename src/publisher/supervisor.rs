@@ -64,13 +64,22 @@ pub(super) async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Opens the connection, the topology and the channels, and installs the pool.
+/// Opens the connection, the topology and the channels, and installs the pool. A
+/// connection whose setup fails is closed, not left to linger until the broker notices.
 async fn connect(shared: &Shared) -> Result<Connection, String> {
-    let settings = &shared.settings;
     let properties = ConnectionProperties::default().with_connection_name("ingest".into());
-    let connection = Connection::connect(&settings.amqp_url, properties)
+    let connection = Connection::connect(&shared.settings.amqp_url, properties)
         .await
         .map_err(|e| e.to_string())?;
+    if let Err(error) = setup(shared, &connection).await {
+        let _ = timeout(CLOSE_TIMEOUT, connection.close(200, "setup failed".into())).await;
+        return Err(error);
+    }
+    Ok(connection)
+}
+
+async fn setup(shared: &Shared, connection: &Connection) -> Result<(), String> {
+    let settings = &shared.settings;
     let setup = connection
         .create_channel()
         .await
@@ -92,7 +101,7 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
     let _ = setup.close(200, "topology declared".into()).await;
     let mut channels = Vec::with_capacity(settings.channels);
     for _ in 0..settings.channels {
-        channels.push(open_channel(&connection).await?);
+        channels.push(open_channel(connection).await?);
     }
     let frame_max = connection.configuration().frame_max() as usize;
     set_pool(
@@ -106,7 +115,7 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
         connected: true,
         blocked: connection.status().blocked(),
     });
-    Ok(connection)
+    Ok(())
 }
 
 async fn open_channel(connection: &Connection) -> Result<lapin::Channel, String> {
