@@ -6,12 +6,23 @@
 //! the right to the memory, and no counter can drift because a release was forgotten on
 //! some error path or cancelled future.
 //!
-//! Unary calls use [`Admission::try_admit`], which never waits. Waiting callers are
-//! queued first-in first-out by the semaphores, so they are served in arrival order.
+//! Unary calls use [`Admission::try_admit`], which never waits. Streams use
+//! [`Admission::admit_stream`], which waits in line; that wait is the backpressure.
+//!
+//! Fairness. Waiters are queued first-in first-out by the semaphores, so streams are
+//! served in arrival order and a stream re-queues behind the others for every message:
+//! no stream can starve another. Streams and unary calls compete differently, though:
+//! room released while streams wait goes to the waiting streams first, so under
+//! sustained stream pressure a unary call would never find any. Streams therefore draw
+//! from a share of the buffer ([`STREAM_SHARE_PERCENT`]); the rest is only ever taken by
+//! unary calls, which always find room there unless they filled it themselves.
 
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+/// The part of the buffer streams may hold together; the rest is kept for unary calls.
+pub const STREAM_SHARE_PERCENT: usize = 75;
 
 /// Why a request could not be admitted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +41,8 @@ pub enum AdmitError {
         /// Bytes free at the time of the attempt.
         free_bytes: usize,
     },
-    /// Larger than the whole buffer: it can never be admitted, however long one waits.
+    /// Larger than the whole buffer (or the streams' share of it): it can never be
+    /// admitted, however long one waits.
     #[error("{what} of {requested} is more than the whole buffer holds ({capacity})")]
     TooLarge {
         /// `"events"` or `"bytes"`.
@@ -61,8 +73,14 @@ pub struct Admission {
     events: Arc<Semaphore>,
     /// One permit per byte held by admitted events.
     bytes: Arc<Semaphore>,
+    /// The streams' share of `events`: a stream's permit holds one of these per event too.
+    stream_events: Arc<Semaphore>,
+    /// The streams' share of `bytes`.
+    stream_bytes: Arc<Semaphore>,
     /// Configured limits, for gauges and for telling "never fits" from "not now".
     capacity: Usage,
+    /// The streams' share of `capacity`.
+    stream_capacity: Usage,
 }
 
 impl Admission {
@@ -70,16 +88,26 @@ impl Admission {
     pub fn new(events: usize, bytes: usize) -> Self {
         let events = events.min(Semaphore::MAX_PERMITS);
         let bytes = bytes.min(Semaphore::MAX_PERMITS);
+        let share = |n: usize| {
+            (n / 100 * STREAM_SHARE_PERCENT + n % 100 * STREAM_SHARE_PERCENT / 100).max(1)
+        };
+        let stream_capacity = Usage {
+            events: share(events),
+            bytes: share(bytes),
+        };
         Self {
             events: Arc::new(Semaphore::new(events)),
             bytes: Arc::new(Semaphore::new(bytes)),
+            stream_events: Arc::new(Semaphore::new(stream_capacity.events)),
+            stream_bytes: Arc::new(Semaphore::new(stream_capacity.bytes)),
             capacity: Usage { events, bytes },
+            stream_capacity,
         }
     }
 
     /// Admits `events` events holding `bytes` bytes at once, or refuses at once.
     pub fn try_admit(&self, events: usize, bytes: usize) -> Result<Permit, AdmitError> {
-        let (n_events, n_bytes) = self.check_fits(events, bytes)?;
+        let (n_events, n_bytes) = check_fits(events, bytes, self.capacity)?;
         let exhausted = || AdmitError::Exhausted {
             events,
             bytes,
@@ -103,25 +131,34 @@ impl Admission {
         Ok(Permit {
             events: event_permit,
             bytes: byte_permit,
+            stream: None,
         })
     }
 
-    /// Admits `events` events holding `bytes` bytes, waiting in line for room.
+    /// Admits `events` events holding `bytes` bytes for a stream, waiting in line for
+    /// room within the streams' share.
     ///
-    /// Cancel-safe: dropping the future gives back whatever it had acquired.
-    /// Every waiter takes events first, then bytes, so two waiters never hold what the
-    /// other waits for in opposite order.
-    pub async fn admit(&self, events: usize, bytes: usize) -> Result<Permit, AdmitError> {
-        let (n_events, n_bytes) = self.check_fits(events, bytes)?;
-        let events = Arc::clone(&self.events)
-            .acquire_many_owned(n_events)
+    /// Cancel-safe: dropping the future gives back whatever it had acquired. Every
+    /// waiter acquires in the same order (share, then buffer; events, then bytes), so
+    /// two waiters never hold what the other waits for in opposite order.
+    pub async fn admit_stream(&self, events: usize, bytes: usize) -> Result<Permit, AdmitError> {
+        let (n_events, n_bytes) = check_fits(events, bytes, self.stream_capacity)?;
+        let acquire = |semaphore: &Arc<Semaphore>, n| Arc::clone(semaphore).acquire_many_owned(n);
+        let closed = |_| AdmitError::Closed;
+        let share_events = acquire(&self.stream_events, n_events)
             .await
-            .map_err(|_| AdmitError::Closed)?;
-        let bytes = Arc::clone(&self.bytes)
-            .acquire_many_owned(n_bytes)
-            .await
-            .map_err(|_| AdmitError::Closed)?;
-        Ok(Permit { events, bytes })
+            .map_err(closed)?;
+        let share_bytes = acquire(&self.stream_bytes, n_bytes).await.map_err(closed)?;
+        let events = acquire(&self.events, n_events).await.map_err(closed)?;
+        let bytes = acquire(&self.bytes, n_bytes).await.map_err(closed)?;
+        Ok(Permit {
+            events,
+            bytes,
+            stream: Some(StreamShare {
+                events: share_events,
+                bytes: share_bytes,
+            }),
+        })
     }
 
     /// What is admitted and not yet released.
@@ -138,30 +175,40 @@ impl Admission {
         self.capacity
     }
 
-    /// Refuses every later admission; permits already held stay valid. Used on shutdown.
-    pub fn close(&self) {
-        self.events.close();
-        self.bytes.close();
+    /// The part of the bound streams may hold.
+    pub fn stream_capacity(&self) -> Usage {
+        self.stream_capacity
     }
 
-    fn check_fits(&self, events: usize, bytes: usize) -> Result<(u32, u32), AdmitError> {
-        let too_large = |what, requested, capacity| AdmitError::TooLarge {
-            what,
-            requested,
-            capacity,
-        };
-        if events > self.capacity.events {
-            return Err(too_large("events", events, self.capacity.events));
+    /// Refuses every later admission; permits already held stay valid. Used on shutdown.
+    pub fn close(&self) {
+        for semaphore in [
+            &self.events,
+            &self.bytes,
+            &self.stream_events,
+            &self.stream_bytes,
+        ] {
+            semaphore.close();
         }
-        if bytes > self.capacity.bytes {
-            return Err(too_large("bytes", bytes, self.capacity.bytes));
-        }
-        let n_events =
-            u32::try_from(events).map_err(|_| too_large("events", events, u32::MAX as usize))?;
-        let n_bytes =
-            u32::try_from(bytes).map_err(|_| too_large("bytes", bytes, u32::MAX as usize))?;
-        Ok((n_events, n_bytes))
     }
+}
+
+fn check_fits(events: usize, bytes: usize, capacity: Usage) -> Result<(u32, u32), AdmitError> {
+    let too_large = |what, requested, capacity| AdmitError::TooLarge {
+        what,
+        requested,
+        capacity,
+    };
+    if events > capacity.events {
+        return Err(too_large("events", events, capacity.events));
+    }
+    if bytes > capacity.bytes {
+        return Err(too_large("bytes", bytes, capacity.bytes));
+    }
+    let n_events =
+        u32::try_from(events).map_err(|_| too_large("events", events, u32::MAX as usize))?;
+    let n_bytes = u32::try_from(bytes).map_err(|_| too_large("bytes", bytes, u32::MAX as usize))?;
+    Ok((n_events, n_bytes))
 }
 
 /// The right to hold some events and bytes. Dropping it gives them back, exactly once.
@@ -170,13 +217,37 @@ impl Admission {
 pub struct Permit {
     events: OwnedSemaphorePermit,
     bytes: OwnedSemaphorePermit,
+    /// The same amounts from the streams' share, for a stream's permit.
+    stream: Option<StreamShare>,
+}
+
+#[derive(Debug)]
+struct StreamShare {
+    events: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
 }
 
 impl Permit {
+    /// Adds `other`'s room to this permit; both are released together. Used by a
+    /// stream that took room for one event before reading a message and the rest after.
+    pub fn merge(&mut self, other: Permit) {
+        self.events.merge(other.events);
+        self.bytes.merge(other.bytes);
+        match (&mut self.stream, other.stream) {
+            (Some(mine), Some(theirs)) => {
+                mine.events.merge(theirs.events);
+                mine.bytes.merge(theirs.bytes);
+            }
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+    }
+
     /// Events this permit holds.
     pub fn events(&self) -> usize {
         self.events.num_permits()
     }
+
     /// Bytes this permit holds.
     pub fn bytes(&self) -> usize {
         self.bytes.num_permits()
@@ -185,6 +256,8 @@ impl Permit {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -284,18 +357,97 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_get_room_when_released_and_cancel_gives_back() {
-        let a = Arc::new(Admission::new(2, 100));
-        let held = a.try_admit(2, 50).unwrap();
+        let a = Arc::new(Admission::new(4, 100));
+        let held = a.try_admit(4, 50).unwrap();
         let waiter = {
             let a = Arc::clone(&a);
-            tokio::spawn(async move { a.admit(1, 10).await.map(|p| (p.events(), p.bytes())) })
+            tokio::spawn(
+                async move { a.admit_stream(1, 10).await.map(|p| (p.events(), p.bytes())) },
+            )
         };
         // A second waiter that gives up: whatever it acquired must come back.
         let cancelled =
-            tokio::time::timeout(std::time::Duration::from_millis(20), a.admit(2, 10)).await;
+            tokio::time::timeout(Duration::from_millis(20), a.admit_stream(2, 10)).await;
         assert!(cancelled.is_err());
         drop(held);
         assert_eq!(waiter.await.unwrap().unwrap(), (1, 10));
         assert_eq!(a.in_use(), Usage::default());
+    }
+
+    #[tokio::test]
+    async fn streams_cannot_take_the_unary_share() {
+        let a = Admission::new(100, 1000);
+        assert_eq!(
+            a.stream_capacity(),
+            Usage {
+                events: 75,
+                bytes: 750
+            }
+        );
+        let streams = a.admit_stream(75, 100).await.unwrap();
+        // The streams' share is full: another stream waits...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), a.admit_stream(1, 1))
+                .await
+                .is_err()
+        );
+        // ...while a unary call still finds the rest.
+        let unary = a.try_admit(25, 100).unwrap();
+        assert_eq!(
+            a.in_use(),
+            Usage {
+                events: 100,
+                bytes: 200
+            }
+        );
+        drop((streams, unary));
+        assert_eq!(a.in_use(), Usage::default());
+        assert_eq!(
+            a.admit_stream(76, 1).await.unwrap_err(),
+            AdmitError::TooLarge {
+                what: "events",
+                requested: 76,
+                capacity: 75
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn merged_permits_release_together() {
+        let a = Admission::new(10, 1000);
+        let mut token = a.admit_stream(1, 1).await.unwrap();
+        token.merge(a.admit_stream(4, 399).await.unwrap());
+        assert_eq!((token.events(), token.bytes()), (5, 400));
+        assert_eq!(
+            a.in_use(),
+            Usage {
+                events: 5,
+                bytes: 400
+            }
+        );
+        drop(token);
+        assert_eq!(a.in_use(), Usage::default());
+    }
+
+    #[tokio::test]
+    async fn stream_waiters_are_served_in_arrival_order() {
+        let a = Arc::new(Admission::new(4, 1000));
+        let held = a.admit_stream(3, 10).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        for i in 0..3 {
+            let (a, tx) = (Arc::clone(&a), tx.clone());
+            tokio::spawn(async move {
+                let p = a.admit_stream(1, 1).await.unwrap();
+                tx.send(i).await.unwrap();
+                drop(p);
+            });
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(held);
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(order, vec![0, 1, 2]);
     }
 }
