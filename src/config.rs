@@ -50,6 +50,15 @@ pub const DEFAULT_CHANNELS: &str = "4";
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: &str = "30s";
 /// Default for `--retry-after` / `INGEST_RETRY_AFTER`.
 pub const DEFAULT_RETRY_AFTER: &str = "250ms";
+/// Default for `--stream-idle-timeout` / `INGEST_STREAM_IDLE_TIMEOUT`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: &str = "60s";
+/// Default for `--http2-stream-window` / `INGEST_HTTP2_STREAM_WINDOW` (1 MiB).
+pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "1048576";
+/// Default for `--http2-connection-window` / `INGEST_HTTP2_CONNECTION_WINDOW`
+/// (4 MiB).
+pub const DEFAULT_HTTP2_CONNECTION_WINDOW: &str = "4194304";
+/// Default for `--max-concurrent-streams` / `INGEST_MAX_CONCURRENT_STREAMS`.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: &str = "128";
 
 /// Upper bound of `--channels`. Each channel holds its own window of
 /// unconfirmed publishes; beyond a few hundred the broker spends more on
@@ -58,6 +67,20 @@ pub const MAX_CHANNELS: usize = 256;
 
 /// AMQP 0-9-1 exchange names are `shortstr`s: at most 255 bytes.
 const MAX_EXCHANGE_NAME_BYTES: usize = 255;
+
+/// Smallest HTTP/2 flow-control window accepted: 65535 bytes, the initial
+/// window of RFC 9113 §6.9.2. A connection's window starts there and can only
+/// grow; a smaller stream window would only slow every call down.
+pub const HTTP2_MIN_WINDOW: u32 = 65_535;
+
+/// Largest HTTP/2 flow-control window: 2^31 - 1 bytes (RFC 9113 §6.9.1).
+pub const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// Upper bound of `--max-concurrent-streams`. HTTP/2 itself allows up to
+/// 2^32 - 1; far beyond what one client needs, such values would make the
+/// bound on transport memory per connection (streams × stream window)
+/// meaningless.
+pub const MAX_CONCURRENT_STREAMS_LIMIT: u32 = 65_536;
 
 /// Raw settings as given on the command line or in the environment.
 ///
@@ -176,6 +199,45 @@ pub struct Args {
     /// instead of hammering a full buffer.
     #[arg(long, env = "INGEST_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER)]
     pub retry_after: String,
+
+    /// Close a PublishStream that sends no message for this long (e.g. 60s),
+    /// so dead callers do not pin buffer room and HTTP/2 streams.
+    #[arg(
+        long,
+        env = "INGEST_STREAM_IDLE_TIMEOUT",
+        default_value = DEFAULT_STREAM_IDLE_TIMEOUT
+    )]
+    pub stream_idle_timeout: String,
+
+    /// Most request bytes one stream may have in flight toward the server
+    /// before HTTP/2 flow control stops its sender (e.g. 1MiB; 65535 to
+    /// 2147483647 bytes). With admission waiting, this is what a stalled
+    /// stream can park in server memory.
+    #[arg(
+        long,
+        env = "INGEST_HTTP2_STREAM_WINDOW",
+        default_value = DEFAULT_HTTP2_STREAM_WINDOW
+    )]
+    pub http2_stream_window: String,
+
+    /// Most request bytes all streams of one connection together may have in
+    /// flight toward the server (e.g. 4MiB; 65535 to 2147483647 bytes). Must
+    /// not be below --http2-stream-window, or every stream is throttled to it.
+    #[arg(
+        long,
+        env = "INGEST_HTTP2_CONNECTION_WINDOW",
+        default_value = DEFAULT_HTTP2_CONNECTION_WINDOW
+    )]
+    pub http2_connection_window: String,
+
+    /// Concurrent calls one HTTP/2 connection may open (1..=65536). With the
+    /// windows it bounds transport memory per connection.
+    #[arg(
+        long,
+        env = "INGEST_MAX_CONCURRENT_STREAMS",
+        default_value = DEFAULT_MAX_CONCURRENT_STREAMS
+    )]
+    pub max_concurrent_streams: String,
 }
 
 /// The defaults, without reading the command line or the environment.
@@ -197,6 +259,10 @@ impl Default for Args {
             channels: DEFAULT_CHANNELS.to_owned(),
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF.to_owned(),
             retry_after: DEFAULT_RETRY_AFTER.to_owned(),
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT.to_owned(),
+            http2_stream_window: DEFAULT_HTTP2_STREAM_WINDOW.to_owned(),
+            http2_connection_window: DEFAULT_HTTP2_CONNECTION_WINDOW.to_owned(),
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS.to_owned(),
         }
     }
 }
@@ -237,6 +303,17 @@ pub struct Config {
     pub reconnect_max_backoff: Duration,
     /// RetryInfo delay on RESOURCE_EXHAUSTED (> 0).
     pub retry_after: Duration,
+    /// Close a PublishStream after this long without a message (> 0).
+    pub stream_idle_timeout: Duration,
+    /// HTTP/2 flow-control window of one stream, in bytes
+    /// ([`HTTP2_MIN_WINDOW`]..=[`HTTP2_MAX_WINDOW`]).
+    pub http2_stream_window: u32,
+    /// HTTP/2 flow-control window of one connection, in bytes
+    /// (`http2_stream_window`..=[`HTTP2_MAX_WINDOW`]).
+    pub http2_connection_window: u32,
+    /// Concurrent streams per HTTP/2 connection
+    /// (1..=[`MAX_CONCURRENT_STREAMS_LIMIT`]).
+    pub max_concurrent_streams: u32,
 }
 
 impl Config {
@@ -334,6 +411,10 @@ settings! {
     CHANNELS = "--channels", "INGEST_CHANNELS";
     RECONNECT_MAX_BACKOFF = "--reconnect-max-backoff", "INGEST_RECONNECT_MAX_BACKOFF";
     RETRY_AFTER = "--retry-after", "INGEST_RETRY_AFTER";
+    STREAM_IDLE_TIMEOUT = "--stream-idle-timeout", "INGEST_STREAM_IDLE_TIMEOUT";
+    HTTP2_STREAM_WINDOW = "--http2-stream-window", "INGEST_HTTP2_STREAM_WINDOW";
+    HTTP2_CONNECTION_WINDOW = "--http2-connection-window", "INGEST_HTTP2_CONNECTION_WINDOW";
+    MAX_CONCURRENT_STREAMS = "--max-concurrent-streams", "INGEST_MAX_CONCURRENT_STREAMS";
 }
 
 /// Collects problems while every field is parsed.
@@ -418,6 +499,36 @@ impl TryFrom<Args> for Config {
         let retry_after = p.parse(RETRY_AFTER, &args.retry_after, |s| {
             positive(s, parse_duration(s)?, "callers would retry without pause")
         });
+        let stream_idle_timeout = p.parse(STREAM_IDLE_TIMEOUT, &args.stream_idle_timeout, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "every stream would be closed at once",
+            )
+        });
+        let http2_stream_window = p.parse(
+            HTTP2_STREAM_WINDOW,
+            &args.http2_stream_window,
+            parse_http2_window,
+        );
+        let http2_connection_window = p.parse(
+            HTTP2_CONNECTION_WINDOW,
+            &args.http2_connection_window,
+            parse_http2_window,
+        );
+        let max_concurrent_streams =
+            p.parse(MAX_CONCURRENT_STREAMS, &args.max_concurrent_streams, |s| {
+                let n = parse_count(s)?;
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=MAX_CONCURRENT_STREAMS_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "{s:?} is out of range \
+                             (expected 1..={MAX_CONCURRENT_STREAMS_LIMIT} streams)"
+                        )
+                    })
+            });
 
         // Cross-field checks, only where both sides parsed.
         if let (Some(event), Some(buffer)) = (max_event_bytes, buffer_bytes)
@@ -444,6 +555,19 @@ impl TryFrom<Args> for Config {
                 ),
             );
         }
+        if let (Some(connection), Some(stream)) = (http2_connection_window, http2_stream_window)
+            && connection < stream
+        {
+            p.report(
+                HTTP2_CONNECTION_WINDOW,
+                format_args!(
+                    "{:?} ({connection} bytes) is below {HTTP2_STREAM_WINDOW} {:?} \
+                     ({stream} bytes): a connection window smaller than one stream's window \
+                     throttles every stream to it",
+                    args.http2_connection_window, args.http2_stream_window,
+                ),
+            );
+        }
 
         let (
             Some(listen),
@@ -461,6 +585,10 @@ impl TryFrom<Args> for Config {
             Some(channels),
             Some(reconnect_max_backoff),
             Some(retry_after),
+            Some(stream_idle_timeout),
+            Some(http2_stream_window),
+            Some(http2_connection_window),
+            Some(max_concurrent_streams),
         ) = (
             listen,
             admin_listen,
@@ -477,6 +605,10 @@ impl TryFrom<Args> for Config {
             channels,
             reconnect_max_backoff,
             retry_after,
+            stream_idle_timeout,
+            http2_stream_window,
+            http2_connection_window,
+            max_concurrent_streams,
         )
         else {
             // Every `None` above came with a recorded problem.
@@ -503,6 +635,10 @@ impl TryFrom<Args> for Config {
             channels,
             reconnect_max_backoff,
             retry_after,
+            stream_idle_timeout,
+            http2_stream_window,
+            http2_connection_window,
+            max_concurrent_streams,
         })
     }
 }
@@ -586,6 +722,21 @@ fn parse_count(raw: &str) -> Result<usize, String> {
     }
     s.parse()
         .map_err(|_| format!("{raw:?} is too large (at most {})", usize::MAX))
+}
+
+/// An HTTP/2 flow-control window: a size within
+/// [`HTTP2_MIN_WINDOW`]..=[`HTTP2_MAX_WINDOW`] bytes.
+fn parse_http2_window(raw: &str) -> Result<u32, String> {
+    let bytes = parse_size(raw)?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|w| (HTTP2_MIN_WINDOW..=HTTP2_MAX_WINDOW).contains(w))
+        .ok_or_else(|| {
+            format!(
+                "{raw:?} ({bytes} bytes) is out of range (expected \
+                 {HTTP2_MIN_WINDOW}..={HTTP2_MAX_WINDOW} bytes, the HTTP/2 window limits)"
+            )
+        })
 }
 
 fn parse_bool(raw: &str) -> Result<bool, String> {
@@ -720,6 +871,10 @@ mod tests {
         assert_eq!(c.channels, 4);
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(30));
         assert_eq!(c.retry_after, Duration::from_millis(250));
+        assert_eq!(c.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http2_stream_window, 1024 * 1024);
+        assert_eq!(c.http2_connection_window, 4 * 1024 * 1024);
+        assert_eq!(c.max_concurrent_streams, 128);
     }
 
     #[test]
@@ -878,6 +1033,10 @@ mod tests {
             channels: "x".into(),
             reconnect_max_backoff: "x".into(),
             retry_after: "x".into(),
+            stream_idle_timeout: "x".into(),
+            http2_stream_window: "x".into(),
+            http2_connection_window: "x".into(),
+            max_concurrent_streams: "x".into(),
         });
         assert_eq!(errs.len(), ALL_SETTINGS.len(), "{errs:#?}");
         for (s, e) in ALL_SETTINGS.iter().zip(&errs) {
@@ -897,9 +1056,13 @@ mod tests {
             reconnect_max_backoff: "0m".into(),
             retry_after: "0ms".into(),
             channels: "0".into(),
+            stream_idle_timeout: "0s".into(),
+            http2_stream_window: "0".into(),
+            http2_connection_window: "0B".into(),
+            max_concurrent_streams: "0".into(),
             ..Args::default()
         });
-        assert_eq!(errs.len(), 9, "{errs:#?}");
+        assert_eq!(errs.len(), 13, "{errs:#?}");
         assert!(errs.iter().any(|e| {
             e.starts_with("--buffer-events / INGEST_BUFFER_EVENTS: \"0\" must be at least 1")
         }));
@@ -912,6 +1075,21 @@ mod tests {
         assert!(errs.iter().any(|e| {
             e.starts_with("--channels / INGEST_CHANNELS: \"0\" is out of range (expected 1..=256")
         }));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--stream-idle-timeout / INGEST_STREAM_IDLE_TIMEOUT: \"0s\" must be greater than zero"
+        )));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--http2-stream-window / INGEST_HTTP2_STREAM_WINDOW: \"0\" (0 bytes) is out of range \
+             (expected 65535..=2147483647 bytes"
+        )));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--http2-connection-window / INGEST_HTTP2_CONNECTION_WINDOW: \"0B\" (0 bytes) is out \
+             of range"
+        )));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--max-concurrent-streams / INGEST_MAX_CONCURRENT_STREAMS: \"0\" is out of range \
+             (expected 1..=65536 streams)"
+        )));
 
         let errs = problems(Args {
             channels: "257".into(),
@@ -926,6 +1104,84 @@ mod tests {
             })
             .unwrap();
             assert_eq!(c.channels.to_string(), ok);
+        }
+    }
+
+    #[test]
+    fn http2_limits() {
+        // Windows: 65535..=2147483647 bytes, in any size notation.
+        for (stream, connection) in [
+            ("65534", "4MiB"),
+            ("1MiB", "2GiB"),
+            ("1MiB", "99999999999999999999"),
+        ] {
+            let errs = problems(Args {
+                http2_stream_window: stream.into(),
+                http2_connection_window: connection.into(),
+                ..Args::default()
+            });
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+        }
+        let errs = problems(Args {
+            http2_stream_window: "64KiB".into(),
+            http2_connection_window: "65535".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("--http2-connection-window / "),
+            "{errs:?}"
+        );
+        let errs = problems(Args {
+            http2_stream_window: "2GiB".into(),
+            ..Args::default()
+        });
+        assert_eq!(
+            errs,
+            [
+                "--http2-stream-window / INGEST_HTTP2_STREAM_WINDOW: \"2GiB\" (2147483648 bytes) \
+                 is out of range (expected 65535..=2147483647 bytes, the HTTP/2 window limits)"
+            ]
+        );
+        for (stream, connection) in [
+            ("65535", "65535"),
+            ("64KiB", "2147483647"),
+            ("2147483647", "2147483647"),
+        ] {
+            let c = config(Args {
+                http2_stream_window: stream.into(),
+                http2_connection_window: connection.into(),
+                ..Args::default()
+            })
+            .unwrap();
+            assert_eq!(c.http2_stream_window, parse_size(stream).unwrap() as u32);
+            assert_eq!(
+                c.http2_connection_window,
+                parse_size(connection).unwrap() as u32
+            );
+        }
+
+        // Concurrent streams: 1..=65536.
+        for bad in ["65537", "4294967296", "many"] {
+            let errs = problems(Args {
+                max_concurrent_streams: bad.into(),
+                ..Args::default()
+            });
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert!(
+                errs[0].starts_with(&format!(
+                    "--max-concurrent-streams / INGEST_MAX_CONCURRENT_STREAMS: {bad:?}"
+                )),
+                "{errs:?}"
+            );
+        }
+        for ok in ["1", "65536"] {
+            let c = config(Args {
+                max_concurrent_streams: ok.into(),
+                ..Args::default()
+            })
+            .unwrap();
+            assert_eq!(c.max_concurrent_streams.to_string(), ok);
         }
     }
 
@@ -947,6 +1203,21 @@ mod tests {
         );
         assert!(errs[1].starts_with("--max-batch-events / INGEST_MAX_BATCH_EVENTS: \"101\" exceeds --buffer-events / INGEST_BUFFER_EVENTS \"100\""));
 
+        let errs = problems(Args {
+            http2_stream_window: "2MiB".into(),
+            http2_connection_window: "1MiB".into(),
+            ..Args::default()
+        });
+        assert_eq!(
+            errs,
+            [
+                "--http2-connection-window / INGEST_HTTP2_CONNECTION_WINDOW: \"1MiB\" \
+                 (1048576 bytes) is below --http2-stream-window / INGEST_HTTP2_STREAM_WINDOW \
+                 \"2MiB\" (2097152 bytes): a connection window smaller than one stream's \
+                 window throttles every stream to it"
+            ]
+        );
+
         // Equal is fine.
         let c = config(Args {
             buffer_bytes: "1MiB".into(),
@@ -958,11 +1229,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.max_event_bytes, c.buffer_bytes);
         assert_eq!(c.max_batch_events, c.buffer_events);
+        let c = config(Args {
+            http2_stream_window: "2MiB".into(),
+            http2_connection_window: "2097152".into(),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.http2_connection_window, c.http2_stream_window);
 
         // No cross-field noise when one side is already broken.
         let errs = problems(Args {
             buffer_bytes: "junk".into(),
             max_event_bytes: "2GiB".into(),
+            ..Args::default()
+        });
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        let errs = problems(Args {
+            http2_stream_window: "junk".into(),
+            http2_connection_window: "64KiB".into(),
             ..Args::default()
         });
         assert_eq!(errs.len(), 1, "{errs:#?}");
@@ -1071,6 +1355,13 @@ mod tests {
             "2m",
             "--retry-after",
             "100ms",
+            "--stream-idle-timeout",
+            "2m",
+            "--http2-stream-window",
+            "256KiB",
+            "--http2-connection-window=2MiB",
+            "--max-concurrent-streams",
+            "32",
         ])
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap());
@@ -1088,6 +1379,10 @@ mod tests {
         assert_eq!(c.channels, 8);
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(120));
         assert_eq!(c.retry_after, Duration::from_millis(100));
+        assert_eq!(c.stream_idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.http2_stream_window, 256 << 10);
+        assert_eq!(c.http2_connection_window, 2 << 20);
+        assert_eq!(c.max_concurrent_streams, 32);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admission::{Admission, Usage},
-    api::IngestService,
+    api::{IngestService, ServiceSettings},
     config::Config,
     proto::ingest_server::IngestServer,
     publisher::{BrokerState, Publisher, PublisherSettings},
@@ -144,8 +144,11 @@ impl App {
         let ingest = IngestServer::new(IngestService::new(
             Arc::clone(&admission),
             publisher.clone(),
-            limits,
-            config.retry_after,
+            ServiceSettings {
+                limits,
+                retry_after: config.retry_after,
+                stream_idle_timeout: config.stream_idle_timeout,
+            },
             draining.clone(),
         ))
         .max_decoding_message_size(max_message);
@@ -155,7 +158,14 @@ impl App {
 
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(
+            // Transport bounds: what a caller can park in this process before flow
+            // control stops it is at most one connection window per connection (and
+            // one stream window per stream); nothing adapts the windows upward.
             tonic::transport::Server::builder()
+                .initial_stream_window_size(config.http2_stream_window)
+                .initial_connection_window_size(config.http2_connection_window)
+                .http2_adaptive_window(Some(false))
+                .max_concurrent_streams(config.max_concurrent_streams)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -2,6 +2,9 @@
 //! admits them, hands them to the publisher and maps every outcome to a status.
 
 mod status;
+mod stream;
+
+pub use stream::CONFIRMED_COUNT;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +38,17 @@ pub fn max_message_bytes(limits: &Limits, buffer_bytes: usize) -> usize {
         .min(buffer_bytes.saturating_add(MAX_EVENT_METADATA))
 }
 
+/// Settings of the gRPC surface, from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceSettings {
+    /// Request limits.
+    pub limits: Limits,
+    /// `RetryInfo` delay for `RESOURCE_EXHAUSTED`.
+    pub retry_after: Duration,
+    /// A stream with no message for this long is closed.
+    pub stream_idle_timeout: Duration,
+}
+
 /// The `ingest.v1.Ingest` service.
 #[derive(Debug)]
 pub struct IngestService {
@@ -42,11 +56,9 @@ pub struct IngestService {
     admission: Arc<Admission>,
     /// Where admitted batches go.
     publisher: Publisher,
-    /// Request limits from configuration.
-    limits: Limits,
-    /// `RetryInfo` delay for `RESOURCE_EXHAUSTED`.
-    retry_after: Duration,
-    /// Cancelled when shutdown begins: new calls are refused from then on.
+    /// Limits and timeouts.
+    settings: ServiceSettings,
+    /// Cancelled when shutdown begins: new calls are refused, open streams end.
     draining: CancellationToken,
 }
 
@@ -55,15 +67,13 @@ impl IngestService {
     pub fn new(
         admission: Arc<Admission>,
         publisher: Publisher,
-        limits: Limits,
-        retry_after: Duration,
+        settings: ServiceSettings,
         draining: CancellationToken,
     ) -> Self {
         Self {
             admission,
             publisher,
-            limits,
-            retry_after,
+            settings,
             draining,
         }
     }
@@ -78,7 +88,7 @@ impl Ingest for IngestService {
         if self.draining.is_cancelled() {
             return Err(status::shutting_down());
         }
-        let batch = validate::validate_batch(request.into_inner().events, &self.limits)
+        let batch = validate::validate_batch(request.into_inner().events, &self.settings.limits)
             .map_err(status::invalid)?;
         // Fail fast while the broker is away, before taking room in the buffer.
         if !self.publisher.state().connected {
@@ -90,7 +100,7 @@ impl Ingest for IngestService {
         let permit = self
             .admission
             .try_admit(batch.len(), batch.bytes())
-            .map_err(|e| status::not_admitted(e, self.retry_after))?;
+            .map_err(|e| status::not_admitted(e, self.settings.retry_after))?;
         let ids = batch.ids();
         let events = batch.len();
         // From here the batch task owns the permit: if this call is cancelled (the
@@ -109,10 +119,24 @@ impl Ingest for IngestService {
 
     async fn publish_stream(
         &self,
-        _request: Request<Streaming<PublishRequest>>,
+        request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishStreamResponse>, Status> {
-        Err(Status::unimplemented(
-            "PublishStream is not implemented yet; use Publish",
-        ))
+        if self.draining.is_cancelled() {
+            return Err(status::shutting_down());
+        }
+        let ctx = stream::StreamContext {
+            admission: &self.admission,
+            publisher: &self.publisher,
+            limits: &self.settings.limits,
+            idle_timeout: self.settings.stream_idle_timeout,
+            draining: &self.draining,
+        };
+        let events = stream::run(ctx, request.into_inner()).await?;
+        let mut response = Response::new(PublishStreamResponse { events });
+        response.metadata_mut().insert(
+            CONFIRMED_COUNT,
+            tonic::metadata::MetadataValue::from(events),
+        );
+        Ok(response)
     }
 }

@@ -1,0 +1,220 @@
+//! `PublishStream`: client-streaming ingest with backpressure through HTTP/2 flow control.
+//!
+//! The handler takes room for one more event *before* it reads the next message, so
+//! while the buffer is full it does not read at all: the request body stays in the
+//! HTTP/2 stream window, flow control stops the caller's sender, and a stalled broker
+//! stalls the stream instead of growing memory. Read ahead is one message per stream,
+//! and only once there was room. Confirms are awaited concurrently, in order, so many
+//! events are in flight per stream (up to the streams' share of the buffer).
+//!
+//! Every outcome ends with trailing metadata `ingest-confirmed-count`: how many leading
+//! events of the stream were confirmed. A client resumes from there with the same ids.
+
+use std::{future::Future, time::Duration};
+
+use futures::{StreamExt, stream::FuturesOrdered};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, Streaming, metadata::MetadataValue};
+
+use super::status;
+use crate::{
+    admission::{Admission, Permit},
+    proto::PublishRequest,
+    publisher::{BatchOutcome, Pending, Publisher},
+    validate::{self, Limits, ValidEvent},
+};
+
+/// Trailing metadata naming how many leading events of the stream were confirmed.
+pub const CONFIRMED_COUNT: &str = "ingest-confirmed-count";
+
+/// What one stream needs from the service.
+pub(super) struct StreamContext<'a> {
+    pub(super) admission: &'a Admission,
+    pub(super) publisher: &'a Publisher,
+    pub(super) limits: &'a Limits,
+    pub(super) idle_timeout: Duration,
+    pub(super) draining: &'a CancellationToken,
+}
+
+/// Runs one stream to its end; `Ok` carries the number of events confirmed, `Err` a
+/// status that already holds the confirmed count.
+pub(super) async fn run(
+    ctx: StreamContext<'_>,
+    mut stream: Streaming<PublishRequest>,
+) -> Result<u64, Status> {
+    let lane = ctx.publisher.lane();
+    let mut progress = Progress::default();
+    let ended = read_all(&ctx, &mut stream, &mut progress, lane).await;
+    // Whatever ended the read, every batch already sent is settled before answering,
+    // so the confirmed count is exact. A batch failure (earlier events) wins over what
+    // ended the read (later ones). After a failure, later batches settle in their tasks.
+    let settled = if progress.failed {
+        Ok(())
+    } else {
+        progress.settle_all().await
+    };
+    match settled.and(ended) {
+        Ok(()) => Ok(progress.confirmed),
+        Err(mut status) => {
+            status
+                .metadata_mut()
+                .insert(CONFIRMED_COUNT, MetadataValue::from(progress.confirmed));
+            Err(status)
+        }
+    }
+}
+
+/// Reads, validates, admits and publishes messages until the stream ends or fails.
+async fn read_all(
+    ctx: &StreamContext<'_>,
+    stream: &mut Streaming<PublishRequest>,
+    progress: &mut Progress,
+    lane: usize,
+) -> Result<(), Status> {
+    let mut next_index: u64 = 0;
+    loop {
+        // Room for one event first: until there is some, the next message stays unread.
+        let token = progress
+            .settling(ctx.draining, ctx.admission.admit_stream(1, 1))
+            .await?
+            .map_err(|e| status::not_admitted(e, Duration::ZERO))?;
+        let read = tokio::time::timeout(ctx.idle_timeout, stream.message());
+        let request = match progress.settling(ctx.draining, read).await? {
+            Err(_) => {
+                return Err(Status::new(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "no message for {:?} (stream-idle-timeout): stream closed; resume with a new stream",
+                        ctx.idle_timeout
+                    ),
+                ));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(request))) => request,
+        };
+        // An empty message is allowed: a caller may use it to keep an idle stream open.
+        if request.events.len() > ctx.limits.max_batch_events {
+            return Err(status::invalid(vec![validate::FieldViolation {
+                field: "events".to_owned(),
+                description: format!(
+                    "a stream message holds {} events, more than the limit of {} (max-batch-events)",
+                    request.events.len(),
+                    ctx.limits.max_batch_events
+                ),
+            }]));
+        }
+        let (valid, violations) = valid_prefix(request, next_index, ctx.limits);
+        if !valid.is_empty() {
+            let permit = progress
+                .settling(ctx.draining, admit_rest(ctx.admission, token, &valid))
+                .await??;
+            let events = valid.len() as u64;
+            let pending = ctx
+                .publisher
+                .publish(valid, permit, Some(lane))
+                .map_err(|e| status::publish_failed(&e, None))?;
+            progress.in_flight.push_back(pending);
+            next_index += events;
+        }
+        if !violations.is_empty() {
+            // The valid events before the bad one are published; the stream ends here.
+            return Err(status::invalid(violations));
+        }
+    }
+}
+
+/// Validates a message's events in order up to the first invalid one: the events
+/// before it, and that event's violations (indexes count from the stream's start).
+fn valid_prefix(
+    request: PublishRequest,
+    first_index: u64,
+    limits: &Limits,
+) -> (Vec<ValidEvent>, Vec<validate::FieldViolation>) {
+    let mut valid = Vec::with_capacity(request.events.len());
+    let mut violations = Vec::new();
+    for (i, event) in request.events.into_iter().enumerate() {
+        let index = usize::try_from(first_index)
+            .unwrap_or(usize::MAX)
+            .saturating_add(i);
+        match validate::validate_event(event, index, limits, &mut violations) {
+            Some(event) => valid.push(event),
+            None => break,
+        }
+    }
+    (valid, violations)
+}
+
+/// Grows the one-event token to the room the whole message needs.
+async fn admit_rest(
+    admission: &Admission,
+    mut token: Permit,
+    events: &[ValidEvent],
+) -> Result<Permit, Status> {
+    let bytes: usize = events.iter().map(ValidEvent::size).sum();
+    // Every event is at least one byte, so the message needs at least the token's room.
+    let rest = admission
+        .admit_stream(events.len().saturating_sub(1), bytes.saturating_sub(1))
+        .await
+        .map_err(|e| status::not_admitted(e, Duration::ZERO))?;
+    token.merge(rest);
+    Ok(token)
+}
+
+/// The stream's batches in flight, in order, and how many leading events are confirmed.
+#[derive(Default)]
+struct Progress {
+    /// Leading events confirmed so far.
+    confirmed: u64,
+    /// Batches sent and not yet settled, oldest first. Bounded by admission: each one
+    /// holds its permit until settled.
+    in_flight: FuturesOrdered<Pending>,
+    /// A batch failed: the confirmed prefix ends there.
+    failed: bool,
+}
+
+impl Progress {
+    /// Awaits `work` while settling batches as their confirms arrive. Ends early with
+    /// the first batch failure, or with `UNAVAILABLE` when the service starts draining.
+    async fn settling<F: Future>(
+        &mut self,
+        draining: &CancellationToken,
+        work: F,
+    ) -> Result<F::Output, Status> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                () = draining.cancelled() => return Err(status::shutting_down()),
+                Some(outcome) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.record(outcome)?;
+                }
+                output = &mut work => return Ok(output),
+            }
+        }
+    }
+
+    /// Settles every batch still in flight.
+    async fn settle_all(&mut self) -> Result<(), Status> {
+        while let Some(outcome) = self.in_flight.next().await {
+            self.record(outcome)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, outcome: BatchOutcome) -> Result<(), Status> {
+        let first = self.confirmed;
+        self.confirmed += outcome.confirmed as u64;
+        match outcome.failure {
+            None => Ok(()),
+            Some(failure) => {
+                self.failed = true;
+                let index = first + failure.index as u64;
+                Err(status::publish_failed(
+                    &failure.error,
+                    Some(format!("events[{index}]")),
+                ))
+            }
+        }
+    }
+}
