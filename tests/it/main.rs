@@ -1,5 +1,6 @@
 mod faults;
 mod publish;
 mod shutdown;
+mod stream;
 mod support;
 mod support_selftest;

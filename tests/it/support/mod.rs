@@ -3,9 +3,11 @@
 #![allow(dead_code, unused_imports)]
 
 mod broker;
+mod child;
 mod proxy;
 mod server;
 
 pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
+pub use child::ChildServer;
 pub use proxy::{FaultProxy, Mode};
 pub use server::{TestServer, json_event, request, spawn_server, test_config};
