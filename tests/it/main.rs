@@ -1,5 +1,6 @@
 mod faults;
 mod publish;
+mod python_client;
 mod shutdown;
 mod stream;
 mod support;

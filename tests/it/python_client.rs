@@ -1,0 +1,249 @@
+//! The Python example client (`examples/python/stream_publish.py`, plain grpcio)
+//! against the real service and broker: a polyglot caller streams 20 000 events on
+//! one `PublishStream`, and resumes from `ingest-confirmed-count` with the same ids
+//! after the server closed an idle stream. What arrived is checked on the queue.
+//!
+//! Needs python3 with the example's requirements; a missing one fails the test:
+//! `python3 -m pip install -r examples/python/requirements.txt`.
+
+use std::{collections::HashSet, path::Path, process::Stdio, time::Duration};
+
+use ingest::{config::Config, health::SERVICE_NAME};
+use serde_json::Value;
+use tokio::process::Command;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::support::{AMQP_URL, TestQueue, TestServer, spawn_server, test_config, unique};
+
+/// How long the broker connection may take to come up.
+const READY: Duration = Duration::from_secs(10);
+/// Upper bound for one run of the Python client (stub generation included).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the count must hold to show nothing else (late, duplicate) arrives.
+const SETTLE: Duration = Duration::from_millis(300);
+
+const INSTALL_HINT: &str = "pip install -r examples/python/requirements.txt";
+
+/// The interpreter: `$PYTHON` if set, else `python3` from `PATH`.
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// Fails (never skips) when python3 or the example's requirements are missing.
+async fn require_python() {
+    let output = Command::new(python())
+        .args([
+            "-c",
+            "import grpc, grpc_tools.protoc, google.protobuf, google.rpc.error_details_pb2",
+        ])
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): install Python 3 and then `{INSTALL_HINT}`",
+                python()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "the Python example's requirements are missing; run `{INSTALL_HINT}`\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Starts the service and waits until it is connected to the broker: the overall
+/// health is SERVING from the start, `ingest.v1.Ingest` only once the broker is up.
+async fn start(config: Config) -> TestServer {
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, READY).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + READY;
+    loop {
+        let answer = health
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.to_owned(),
+            })
+            .await;
+        if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
+            return server;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{SERVICE_NAME} not SERVING within {READY:?}: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// What one run of the client reported.
+struct Run {
+    summary: Value,
+    elapsed: Duration,
+}
+
+/// Runs `stream_publish.py` with `args`; asserts it exited 0 and returns its
+/// one-line JSON summary (stdout) and wall time. Its stderr is passed through.
+async fn run_client(args: &[&str]) -> Run {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("examples/python/stream_publish.py");
+    let began = tokio::time::Instant::now();
+    let child = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); `{INSTALL_HINT}`", python()));
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} ran longer than {CLIENT_TIMEOUT:?}",
+                script.display()
+            )
+        })
+        .expect("wait for the Python client");
+    let elapsed = began.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprint!("{stderr}");
+    assert!(
+        output.status.success(),
+        "stream_publish.py {args:?} failed ({}); if a module is missing: `{INSTALL_HINT}`\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    let summary = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("summary line is not JSON ({e}): {stdout:?}"));
+    Run { summary, elapsed }
+}
+
+fn number(summary: &Value, key: &str) -> u64 {
+    summary[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary has no number {key:?}: {summary}"))
+}
+
+fn expected_ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test]
+async fn python_grpcio_client_streams_20000_events_on_one_stream() {
+    const N: usize = 20_000;
+    require_python().await;
+    let queue = TestQueue::new("#").await;
+    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let prefix = format!("{}-", unique("py"));
+    let addr = server.addr.to_string();
+    let count = N.to_string();
+
+    let run = run_client(&[
+        "--addr",
+        &addr,
+        "--count",
+        &count,
+        "--topic",
+        "t",
+        "--id-prefix",
+        &prefix,
+    ])
+    .await;
+    let summary = &run.summary;
+    eprintln!(
+        "python client: {N} events on one stream in {:.2?} ({:.0} events/s incl. start-up): {summary}",
+        run.elapsed,
+        N as f64 / run.elapsed.as_secs_f64()
+    );
+    assert_eq!(number(summary, "confirmed"), N as u64, "{summary}");
+    assert_eq!(number(summary, "sent"), N as u64, "{summary}");
+    assert_eq!(number(summary, "attempts"), 1, "one stream: {summary}");
+    assert_eq!(summary["resumed_from"], serde_json::json!([]), "{summary}");
+
+    // Confirmed means routed to the queue: all of them are there already.
+    queue.assert_count_stays(N as u32, SETTLE).await;
+    let ids = queue.message_ids().await;
+    let expected = expected_ids(&prefix, N);
+    assert_eq!(ids.len(), N);
+    if let Some(i) = (0..N).find(|&i| ids[i] != expected[i]) {
+        panic!(
+            "message {i} in the queue is {:?}, expected {:?} (the stream's order)",
+            ids[i], expected[i]
+        );
+    }
+
+    server.stop().await.expect("service stops cleanly");
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn python_client_resumes_after_the_server_closes_an_idle_stream() {
+    const N: usize = 2_000;
+    const PAUSE_AFTER: u64 = 700;
+    require_python().await;
+    let queue = TestQueue::new("#").await;
+    let mut config = test_config(AMQP_URL, &queue.exchange);
+    config.stream_idle_timeout = Duration::from_millis(500);
+    let server = start(config).await;
+    let prefix = format!("{}-", unique("py-resume"));
+    let addr = server.addr.to_string();
+    let count = N.to_string();
+    let pause_after = PAUSE_AFTER.to_string();
+
+    let run = run_client(&[
+        "--addr",
+        &addr,
+        "--count",
+        &count,
+        "--topic",
+        "t",
+        "--id-prefix",
+        &prefix,
+        "--pause-after",
+        &pause_after,
+        "--pause-secs",
+        "2",
+    ])
+    .await;
+    let summary = &run.summary;
+    eprintln!("python client resumed in {:.2?}: {summary}", run.elapsed);
+    assert_eq!(number(summary, "confirmed"), N as u64, "{summary}");
+    assert!(number(summary, "attempts") >= 2, "{summary}");
+    let resumed_from: Vec<u64> = summary["resumed_from"]
+        .as_array()
+        .unwrap_or_else(|| panic!("resumed_from is not a list: {summary}"))
+        .iter()
+        .map(|v| v.as_u64().expect("resumed_from holds indexes"))
+        .collect();
+    assert!(
+        resumed_from.contains(&PAUSE_AFTER),
+        "the idle close should report {PAUSE_AFTER} confirmed and the client resume there: {summary}"
+    );
+
+    // Exactly once each: the resume re-sent nothing the first stream had confirmed.
+    queue.assert_count_stays(N as u32, SETTLE).await;
+    let ids = queue.message_ids().await;
+    let distinct: HashSet<&String> = ids.iter().collect();
+    let expected = expected_ids(&prefix, N);
+    let expected: HashSet<&String> = expected.iter().collect();
+    assert_eq!(ids.len(), N, "duplicates or losses in the queue");
+    assert_eq!(distinct.len(), N, "some ids arrived more than once");
+    assert!(
+        distinct == expected,
+        "the queue holds other ids than expected"
+    );
+
+    server.stop().await.expect("service stops cleanly");
+    queue.cleanup().await;
+}
