@@ -52,6 +52,8 @@ pub const DEFAULT_RECONNECT_MAX_BACKOFF: &str = "30s";
 pub const DEFAULT_RETRY_AFTER: &str = "250ms";
 /// Default for `--stream-idle-timeout` / `INGEST_STREAM_IDLE_TIMEOUT`.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: &str = "60s";
+/// Default for `--stream-stall-timeout` / `INGEST_STREAM_STALL_TIMEOUT`.
+pub const DEFAULT_STREAM_STALL_TIMEOUT: &str = "30s";
 /// Default for `--http2-stream-window` / `INGEST_HTTP2_STREAM_WINDOW` (1 MiB).
 pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "1048576";
 /// Default for `--http2-connection-window` / `INGEST_HTTP2_CONNECTION_WINDOW`
@@ -209,6 +211,18 @@ pub struct Args {
     )]
     pub stream_idle_timeout: String,
 
+    /// While the broker is disconnected, how long a PublishStream waits for
+    /// it to come back (e.g. 30s) before ending with UNAVAILABLE and its
+    /// confirmed count, so a short reconnect does not cut streams off while a
+    /// long outage does not hold them forever. Unary calls fail at once
+    /// instead.
+    #[arg(
+        long,
+        env = "INGEST_STREAM_STALL_TIMEOUT",
+        default_value = DEFAULT_STREAM_STALL_TIMEOUT
+    )]
+    pub stream_stall_timeout: String,
+
     /// Most request bytes one stream may have in flight toward the server
     /// before HTTP/2 flow control stops its sender (e.g. 1MiB; 65535 to
     /// 2147483647 bytes). With admission waiting, this is what a stalled
@@ -260,6 +274,7 @@ impl Default for Args {
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF.to_owned(),
             retry_after: DEFAULT_RETRY_AFTER.to_owned(),
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT.to_owned(),
+            stream_stall_timeout: DEFAULT_STREAM_STALL_TIMEOUT.to_owned(),
             http2_stream_window: DEFAULT_HTTP2_STREAM_WINDOW.to_owned(),
             http2_connection_window: DEFAULT_HTTP2_CONNECTION_WINDOW.to_owned(),
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS.to_owned(),
@@ -305,6 +320,9 @@ pub struct Config {
     pub retry_after: Duration,
     /// Close a PublishStream after this long without a message (> 0).
     pub stream_idle_timeout: Duration,
+    /// While the broker is disconnected, end a PublishStream with UNAVAILABLE
+    /// after waiting this long for it to come back (> 0).
+    pub stream_stall_timeout: Duration,
     /// HTTP/2 flow-control window of one stream, in bytes
     /// ([`HTTP2_MIN_WINDOW`]..=[`HTTP2_MAX_WINDOW`]).
     pub http2_stream_window: u32,
@@ -412,6 +430,7 @@ settings! {
     RECONNECT_MAX_BACKOFF = "--reconnect-max-backoff", "INGEST_RECONNECT_MAX_BACKOFF";
     RETRY_AFTER = "--retry-after", "INGEST_RETRY_AFTER";
     STREAM_IDLE_TIMEOUT = "--stream-idle-timeout", "INGEST_STREAM_IDLE_TIMEOUT";
+    STREAM_STALL_TIMEOUT = "--stream-stall-timeout", "INGEST_STREAM_STALL_TIMEOUT";
     HTTP2_STREAM_WINDOW = "--http2-stream-window", "INGEST_HTTP2_STREAM_WINDOW";
     HTTP2_CONNECTION_WINDOW = "--http2-connection-window", "INGEST_HTTP2_CONNECTION_WINDOW";
     MAX_CONCURRENT_STREAMS = "--max-concurrent-streams", "INGEST_MAX_CONCURRENT_STREAMS";
@@ -506,6 +525,13 @@ impl TryFrom<Args> for Config {
                 "every stream would be closed at once",
             )
         });
+        let stream_stall_timeout = p.parse(STREAM_STALL_TIMEOUT, &args.stream_stall_timeout, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "every stream would end at the first broker disconnect",
+            )
+        });
         let http2_stream_window = p.parse(
             HTTP2_STREAM_WINDOW,
             &args.http2_stream_window,
@@ -586,6 +612,7 @@ impl TryFrom<Args> for Config {
             Some(reconnect_max_backoff),
             Some(retry_after),
             Some(stream_idle_timeout),
+            Some(stream_stall_timeout),
             Some(http2_stream_window),
             Some(http2_connection_window),
             Some(max_concurrent_streams),
@@ -606,6 +633,7 @@ impl TryFrom<Args> for Config {
             reconnect_max_backoff,
             retry_after,
             stream_idle_timeout,
+            stream_stall_timeout,
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
@@ -636,6 +664,7 @@ impl TryFrom<Args> for Config {
             reconnect_max_backoff,
             retry_after,
             stream_idle_timeout,
+            stream_stall_timeout,
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
@@ -872,6 +901,7 @@ mod tests {
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(30));
         assert_eq!(c.retry_after, Duration::from_millis(250));
         assert_eq!(c.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.stream_stall_timeout, Duration::from_secs(30));
         assert_eq!(c.http2_stream_window, 1024 * 1024);
         assert_eq!(c.http2_connection_window, 4 * 1024 * 1024);
         assert_eq!(c.max_concurrent_streams, 128);
@@ -1034,6 +1064,7 @@ mod tests {
             reconnect_max_backoff: "x".into(),
             retry_after: "x".into(),
             stream_idle_timeout: "x".into(),
+            stream_stall_timeout: "x".into(),
             http2_stream_window: "x".into(),
             http2_connection_window: "x".into(),
             max_concurrent_streams: "x".into(),
@@ -1057,12 +1088,13 @@ mod tests {
             retry_after: "0ms".into(),
             channels: "0".into(),
             stream_idle_timeout: "0s".into(),
+            stream_stall_timeout: "0ms".into(),
             http2_stream_window: "0".into(),
             http2_connection_window: "0B".into(),
             max_concurrent_streams: "0".into(),
             ..Args::default()
         });
-        assert_eq!(errs.len(), 13, "{errs:#?}");
+        assert_eq!(errs.len(), 14, "{errs:#?}");
         assert!(errs.iter().any(|e| {
             e.starts_with("--buffer-events / INGEST_BUFFER_EVENTS: \"0\" must be at least 1")
         }));
@@ -1077,6 +1109,10 @@ mod tests {
         }));
         assert!(errs.iter().any(|e| e.starts_with(
             "--stream-idle-timeout / INGEST_STREAM_IDLE_TIMEOUT: \"0s\" must be greater than zero"
+        )));
+        assert!(errs.iter().any(|e| e.starts_with(
+            "--stream-stall-timeout / INGEST_STREAM_STALL_TIMEOUT: \"0ms\" must be greater than \
+             zero"
         )));
         assert!(errs.iter().any(|e| e.starts_with(
             "--http2-stream-window / INGEST_HTTP2_STREAM_WINDOW: \"0\" (0 bytes) is out of range \
@@ -1357,6 +1393,8 @@ mod tests {
             "100ms",
             "--stream-idle-timeout",
             "2m",
+            "--stream-stall-timeout",
+            "45s",
             "--http2-stream-window",
             "256KiB",
             "--http2-connection-window=2MiB",
@@ -1380,6 +1418,7 @@ mod tests {
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(120));
         assert_eq!(c.retry_after, Duration::from_millis(100));
         assert_eq!(c.stream_idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.stream_stall_timeout, Duration::from_secs(45));
         assert_eq!(c.http2_stream_window, 256 << 10);
         assert_eq!(c.http2_connection_window, 2 << 20);
         assert_eq!(c.max_concurrent_streams, 32);

@@ -148,6 +148,7 @@ impl App {
                 limits,
                 retry_after: config.retry_after,
                 stream_idle_timeout: config.stream_idle_timeout,
+                stream_stall_timeout: config.stream_stall_timeout,
             },
             draining.clone(),
         ))

@@ -47,6 +47,8 @@ pub struct ServiceSettings {
     pub retry_after: Duration,
     /// A stream with no message for this long is closed.
     pub stream_idle_timeout: Duration,
+    /// A stream waits this long for a disconnected broker before it ends.
+    pub stream_stall_timeout: Duration,
 }
 
 /// The `ingest.v1.Ingest` service.
@@ -129,6 +131,7 @@ impl Ingest for IngestService {
             publisher: &self.publisher,
             limits: &self.settings.limits,
             idle_timeout: self.settings.stream_idle_timeout,
+            stall_timeout: self.settings.stream_stall_timeout,
             draining: &self.draining,
         };
         let events = stream::run(ctx, request.into_inner()).await?;

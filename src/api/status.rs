@@ -79,6 +79,7 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
         PublishError::Disconnected
         | PublishError::Nacked
         | PublishError::ConfirmTimeout
+        | PublishError::Blocked
         | PublishError::Channel(_) => Status::with_error_details(
             Code::Unavailable,
             message,

@@ -20,7 +20,7 @@ use super::status;
 use crate::{
     admission::{Admission, Permit},
     proto::PublishRequest,
-    publisher::{BatchOutcome, Pending, Publisher},
+    publisher::{BatchOutcome, Pending, PublishError, Publisher},
     validate::{self, Limits, ValidEvent},
 };
 
@@ -33,6 +33,7 @@ pub(super) struct StreamContext<'a> {
     pub(super) publisher: &'a Publisher,
     pub(super) limits: &'a Limits,
     pub(super) idle_timeout: Duration,
+    pub(super) stall_timeout: Duration,
     pub(super) draining: &'a CancellationToken,
 }
 
@@ -106,6 +107,21 @@ async fn read_all(
         }
         let (valid, violations) = valid_prefix(request, next_index, ctx.limits);
         if !valid.is_empty() {
+            // A broker that is away stalls the stream (it holds its room and reads no
+            // further) until it is back, or the stall timeout ends the stream.
+            if !ctx.publisher.state().connected {
+                let mut state = ctx.publisher.watch_state();
+                let back = tokio::time::timeout(ctx.stall_timeout, state.wait_for(|s| s.connected));
+                if !matches!(progress.settling(ctx.draining, back).await?, Ok(Ok(_))) {
+                    return Err(status::publish_failed(
+                        &PublishError::Disconnected,
+                        Some(format!(
+                            "stream stalled {:?} (stream-stall-timeout)",
+                            ctx.stall_timeout
+                        )),
+                    ));
+                }
+            }
             let permit = progress
                 .settling(ctx.draining, admit_rest(ctx.admission, token, &valid))
                 .await??;

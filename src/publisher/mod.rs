@@ -13,7 +13,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -69,6 +69,12 @@ pub enum PublishError {
     /// No confirm arrived within the confirm timeout.
     #[error("no confirm from RabbitMQ within the confirm timeout")]
     ConfirmTimeout,
+    /// The broker blocked publishers (memory or disk alarm) for the whole confirm
+    /// timeout; the event was not sent.
+    #[error(
+        "RabbitMQ is blocking publishers (resource alarm); not sent within the confirm timeout"
+    )]
+    Blocked,
     /// The channel or connection failed while the message was in flight; the outcome
     /// is unknown, so a retry with the same id may duplicate.
     #[error("AMQP channel failed: {0}")]
@@ -140,6 +146,9 @@ struct Shared {
     state: watch::Sender<BrokerState>,
     /// Woken when a publish saw a dead channel, so the supervisor replaces it.
     repair: Notify,
+    /// Channels to replace although still open: a confirm timed out on them, and lapin
+    /// keeps an abandoned confirm until the channel goes away.
+    retired: Mutex<Vec<u16>>,
     /// Round-robin cursor over channels.
     next: AtomicUsize,
     /// Tells the supervisor to close the connection and stop.
@@ -176,6 +185,7 @@ impl Publisher {
             pool: RwLock::new(None),
             state,
             repair: Notify::new(),
+            retired: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         });
@@ -273,6 +283,17 @@ async fn publish_batch(
     events: &[ValidEvent],
     deadline: Instant,
 ) -> BatchOutcome {
+    if shared.state.borrow().blocked && !wait_unblocked(shared, deadline).await {
+        return BatchOutcome {
+            events: events.len(),
+            confirmed: 0,
+            failure: Some(BatchFailure {
+                index: 0,
+                error: PublishError::Blocked,
+                failed: events.len(),
+            }),
+        };
+    }
     // `join_all` polls every publish once, in order, before awaiting any confirm:
     // the whole batch is pipelined on the channel, in order.
     let results = futures::future::join_all(events.iter().map(|event| {
@@ -295,8 +316,10 @@ async fn publish_batch(
             (Ok(()), None) => outcome.confirmed += 1,
             (Ok(()), Some(_)) => {}
             (Err(error), None) => {
-                if matches!(error, PublishError::Channel(_)) {
-                    shared.repair.notify_one();
+                match error {
+                    PublishError::Channel(_) => shared.repair.notify_one(),
+                    PublishError::ConfirmTimeout => shared.retire(channel),
+                    _ => {}
                 }
                 outcome.failure = Some(BatchFailure {
                     index,
@@ -308,6 +331,29 @@ async fn publish_batch(
         }
     }
     outcome
+}
+
+/// While the broker blocks publishers, lapin accepts frames and holds them (and their
+/// memory) until the alarm clears. A batch waits here instead, holding its permit, so
+/// admission fills and callers are pushed back. False if the deadline passed first.
+async fn wait_unblocked(shared: &Shared, deadline: Instant) -> bool {
+    let mut state = shared.state.subscribe();
+    matches!(
+        tokio::time::timeout_at(deadline, state.wait_for(|s| !s.blocked)).await,
+        Ok(Ok(_))
+    )
+}
+
+impl Shared {
+    /// Marks `channel` for replacement and wakes the supervisor.
+    fn retire(&self, channel: &Channel) {
+        if let Ok(mut retired) = self.retired.lock()
+            && !retired.contains(&channel.id())
+        {
+            retired.push(channel.id());
+        }
+        self.repair.notify_one();
+    }
 }
 
 /// The answer to one [`Publisher::publish`].

@@ -8,7 +8,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    AMQP_ADDR, FaultProxy, Mode, TestQueue, json_event, request, spawn_server, test_config, unique,
+    AMQP_ADDR, FaultProxy, Mode, TestQueue, connect_broker, json_event, request, run_load,
+    spawn_server, test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
@@ -123,6 +124,237 @@ async fn stalled_broker_pushes_back_unary_callers_and_admitted_calls_complete() 
     );
     server.wait_admission_idle(GUARD).await;
 
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn connection_cut_twice_under_unary_and_stream_load_loses_nothing_acknowledged() {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(300);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let disconnects = server.count_disconnects();
+    let client = server.client().await;
+
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { run_load(&client, Duration::from_secs(4), 4, 2, 10).await }
+    });
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        proxy.cut();
+    }
+    let report = load.await.unwrap();
+
+    assert!(
+        disconnects.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "both cuts were seen"
+    );
+    assert!(report.acked.len() > 100, "load ran: {report:?}");
+    for code in report.errored.keys() {
+        assert!(
+            ["Unavailable", "ResourceExhausted"].contains(&code.as_str()),
+            "unexpected error {code}"
+        );
+    }
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    server.wait_admission_idle(GUARD).await;
+    report.assert_invariants(&queue).await;
+    // It recovered by itself.
+    let mut client = client;
+    let ok = client
+        .publish(request(vec![json_event("t", "after-cuts", "{}")]))
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().ids, vec!["after-cuts"]);
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn nacked_events_are_unavailable_with_retry_info() {
+    let queue = TestQueue::new("none.bound.here").await;
+    // A queue that refuses what does not fit: RabbitMQ nacks those publishes.
+    let connection = connect_broker().await;
+    let channel = connection.create_channel().await.unwrap();
+    let full = unique("ingest-test-full");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongInt(600_000),
+    );
+    channel
+        .queue_declare(
+            full.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            queue.exchange.as_str().into(),
+            "full".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let server = spawn_server(test_config(crate::support::AMQP_URL, &queue.exchange)).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+
+    let events = (0..3)
+        .map(|i| json_event("full", &format!("n{i}"), "{}"))
+        .collect();
+    let status = server
+        .client()
+        .await
+        .publish(request(events))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("events[1]") && status.message().contains("nacked"),
+        "{status:?}"
+    );
+    assert!(status.message().contains("2 of 3"), "{status:?}");
+    assert!(status.get_details_retry_info().is_some());
+    server.wait_admission_idle(GUARD).await;
+    channel
+        .queue_delete(full.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn confirm_timeout_fails_events_unavailable_and_releases_their_room() {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.confirm_timeout = Duration::from_millis(500);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let mut client = server.client().await;
+
+    proxy.set_mode(Mode::Stall);
+    let status = tokio::time::timeout(
+        GUARD,
+        client.publish(request(vec![json_event("t", "late", "{}")])),
+    )
+    .await
+    .expect("the confirm timeout must answer the caller")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("confirm timeout"), "{status:?}");
+    assert!(status.get_details_retry_info().is_some());
+    // The room is given back at the timeout, while the broker is still stalled.
+    server.wait_admission_idle(GUARD).await;
+
+    proxy.set_mode(Mode::Forward);
+    // The timed-out channel is replaced; the service goes on.
+    let ok = tokio::time::timeout(GUARD, async {
+        loop {
+            match client
+                .publish(request(vec![json_event("t", "after-timeout", "{}")]))
+                .await
+            {
+                Ok(ok) => return ok.into_inner().ids,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok, vec!["after-timeout"]);
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_otherwise() {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(200);
+    config.stream_stall_timeout = Duration::from_secs(2);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let client = server.client().await;
+
+    for (outage, expect_ok) in [
+        (Duration::from_millis(800), true),
+        (Duration::from_secs(4), false),
+    ] {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let call = tokio::spawn({
+            let mut client = client.clone();
+            async move {
+                client
+                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            }
+        });
+        let ids: Vec<String> = (0..10).map(|i| unique(&format!("outage-{i}"))).collect();
+        for id in &ids[..5] {
+            tx.send(request(vec![json_event("t", id, "{}")]))
+                .await
+                .unwrap();
+        }
+        while queue.count().await < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.set_mode(Mode::Refuse);
+        server.wait_health(ServingStatus::NotServing, GUARD).await;
+        for id in &ids[5..] {
+            let _ = tx.send(request(vec![json_event("t", id, "{}")])).await;
+        }
+        drop(tx);
+        tokio::time::sleep(outage).await;
+        proxy.set_mode(Mode::Forward);
+        let result = tokio::time::timeout(GUARD, call).await.unwrap().unwrap();
+        let landed = queue.message_ids().await;
+        if expect_ok {
+            assert_eq!(
+                result.unwrap().into_inner().events,
+                10,
+                "a short outage only stalls the stream"
+            );
+            assert_eq!(landed, ids);
+        } else {
+            let status = result.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().contains("stream-stall-timeout"),
+                "{status:?}"
+            );
+            let count: usize = status
+                .metadata()
+                .get(ingest::api::CONFIRMED_COUNT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(count, 5);
+            assert_eq!(landed, ids[..5].to_vec());
+        }
+        server.wait_health(ServingStatus::Serving, GUARD).await;
+    }
+    server.wait_admission_idle(GUARD).await;
     server.stop().await.unwrap();
     queue.cleanup().await;
 }

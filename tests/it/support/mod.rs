@@ -4,10 +4,12 @@
 
 mod broker;
 mod child;
+mod load;
 mod proxy;
 mod server;
 
 pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
 pub use child::ChildServer;
+pub use load::{LoadReport, run_load};
 pub use proxy::{FaultProxy, Mode};
 pub use server::{TestServer, json_event, request, spawn_server, test_config};

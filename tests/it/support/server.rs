@@ -7,8 +7,12 @@ use ingest::{
     admission::{Admission, Usage},
     config::Config,
     proto::{Event, PublishRequest, ingest_client::IngestClient},
+    publisher::BrokerState,
 };
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -28,6 +32,8 @@ pub fn test_config(amqp_url: &str, exchange: &str) -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub admission: Arc<Admission>,
+    /// The service's view of the broker connection.
+    pub broker: watch::Receiver<BrokerState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), RunError>>>,
 }
@@ -38,6 +44,7 @@ pub async fn spawn_server(config: Config) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let app = ingest::App::new(config).unwrap();
     let admission = app.admission();
+    let broker = app.broker_state();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.serve(listener, async {
         let _ = stopped.await;
@@ -45,6 +52,7 @@ pub async fn spawn_server(config: Config) -> TestServer {
     TestServer {
         addr,
         admission,
+        broker,
         stop: Some(stop),
         task: Some(task),
     }
@@ -134,4 +142,24 @@ pub fn json_event(topic: &str, id: &str, body: &str) -> Event {
 
 pub fn request(events: Vec<Event>) -> PublishRequest {
     PublishRequest { events }
+}
+
+impl TestServer {
+    /// Counts the times the service loses its broker connection from now on.
+    pub fn count_disconnects(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut broker = self.broker.clone();
+        let counter = Arc::clone(&count);
+        tokio::spawn(async move {
+            let mut was_connected = broker.borrow_and_update().connected;
+            while broker.changed().await.is_ok() {
+                let connected = broker.borrow_and_update().connected;
+                if was_connected && !connected {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                was_connected = connected;
+            }
+        });
+        count
+    }
 }
