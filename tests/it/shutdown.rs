@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, time::Duration};
 use futures::future::join_all;
 
 use crate::support::{
-    AMQP_ADDR, ChildServer, FaultProxy, Mode, TestQueue, json_event, request, unique,
+    AMQP_ADDR, ChildServer, FaultProxy, Mode, TestQueue, json_event, request, run_load, unique,
 };
 
 const GUARD: Duration = Duration::from_secs(30);
@@ -99,5 +99,36 @@ async fn sigterm_drain_deadline_passed_with_unconfirmed_events_exits_nonzero_and
         );
     }
     drop(proxy);
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_under_stream_load_tells_each_stream_its_confirmed_prefix_and_exits_zero() {
+    let queue = TestQueue::new("#").await;
+    let mut server = ChildServer::start(
+        crate::support::AMQP_URL,
+        &queue.exchange,
+        &[("INGEST_DRAIN_TIMEOUT", "20s")],
+    );
+    let client = server.ready_client().await;
+
+    let load =
+        tokio::spawn(async move { run_load(&client, Duration::from_secs(3), 1, 4, 10).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.sigterm();
+    let status = server.wait_exit().await;
+    assert!(status.success(), "exit status {status:?}");
+
+    let report = load.await.unwrap();
+    assert!(
+        report.acked.len() > 100,
+        "load ran before the signal: {report:?}"
+    );
+    assert!(
+        report.errored.contains_key("Unavailable"),
+        "streams open at SIGTERM end UNAVAILABLE: {report:?}"
+    );
+    // Each stream's confirmed prefix (from ingest-confirmed-count) is in the queue.
+    report.assert_invariants(&queue).await;
     queue.cleanup().await;
 }
