@@ -358,3 +358,50 @@ async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_ot
     server.stop().await.unwrap();
     queue.cleanup().await;
 }
+
+#[tokio::test]
+async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
+    const BUFFER_BYTES: u64 = 1024 * 1024;
+    /// Same fixed overhead as the stalled-stream test (README, Memory).
+    const OVERHEAD: u64 = 24 * 1024 * 1024;
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let server = crate::support::ChildServer::start(
+        &proxy.amqp_url(),
+        &queue.exchange,
+        &[
+            ("INGEST_BUFFER_EVENTS", "200"),
+            ("INGEST_BUFFER_BYTES", "1MiB"),
+            ("INGEST_MAX_BATCH_EVENTS", "10"),
+        ],
+    );
+    let client = server.ready_client().await;
+    let (idle_rss, _) = server.memory();
+
+    proxy.set_latency(Duration::from_millis(25));
+    let report = run_load(&client, Duration::from_secs(3), 8, 4, 10).await;
+    let (_, peak) = server.memory();
+    eprintln!("slow broker: idle RSS {idle_rss} B, peak {peak} B");
+
+    assert!(
+        report.acked.len() > 50,
+        "the service kept working: {report:?}"
+    );
+    assert!(
+        report.errored.contains_key("ResourceExhausted"),
+        "the slow broker pushed back on callers through the buffer: {report:?}"
+    );
+    for code in report.errored.keys() {
+        assert!(
+            ["ResourceExhausted", "Unavailable"].contains(&code.as_str()),
+            "{report:?}"
+        );
+    }
+    assert!(
+        peak <= idle_rss + BUFFER_BYTES + OVERHEAD,
+        "peak RSS {peak} B, idle {idle_rss} B"
+    );
+    proxy.set_latency(Duration::ZERO);
+    report.assert_invariants(&queue).await;
+    queue.cleanup().await;
+}

@@ -1,4 +1,5 @@
 mod faults;
+mod private_node_selftest;
 mod publish;
 mod python_client;
 mod shutdown;

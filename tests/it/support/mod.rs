@@ -5,11 +5,13 @@
 mod broker;
 mod child;
 mod load;
+mod private_node;
 mod proxy;
 mod server;
 
 pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
 pub use child::ChildServer;
 pub use load::{LoadReport, run_load};
+pub use private_node::PrivateNode;
 pub use proxy::{FaultProxy, Mode};
 pub use server::{TestServer, json_event, request, spawn_server, test_config};

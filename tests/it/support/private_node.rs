@@ -1,0 +1,498 @@
+//! A throwaway RabbitMQ node of a test's own, for the faults that would break
+//! the shared broker for everyone else: restarting the broker (`stop_app` /
+//! `start_app`) and raising a memory alarm (publishers get
+//! `connection.blocked`).
+//!
+//! Each node gets a fresh AMQP port `p` plus distribution port `p + 20000`, a
+//! fresh folder under `/tmp`, and its own config file, so nothing is shared
+//! with the broker on 127.0.0.1:5672 except epmd (which only maps names to
+//! ports) and the Erlang cookie.
+//!
+//! The `/usr/sbin` wrappers are used on purpose: run as root they `su` to the
+//! `rabbitmq` user, whose HOME (`/var/lib/rabbitmq`) holds the Erlang cookie
+//! the shared node uses too. That is why `rabbitmqctl` works as root, and the
+//! same cookie lets it talk to private nodes. The node runs as `rabbitmq`, so
+//! its folder is chowned to that user.
+//!
+//! The node is shut down (and its folder removed) on drop, also when the test
+//! panics.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command as StdCommand, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::time::{Instant, sleep, timeout};
+
+/// How long the node may take to boot (and `start_app` to finish).
+const STARTUP: Duration = Duration::from_secs(60);
+/// Upper bound for any single `rabbitmqctl` call.
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for an alarm change to show up.
+const ALARM_TIMEOUT: Duration = Duration::from_secs(30);
+/// The distribution port is the AMQP port plus this.
+const DIST_OFFSET: u16 = 20_000;
+/// AMQP ports are drawn from here, so both `p` and `p + 20000` (30000..32767)
+/// stay below the kernel's ephemeral range (32768..) where `bind(:0)` and
+/// outgoing connections of other tests would compete for them, and clear of
+/// rabbitmqctl's own distribution ports (35672..35682).
+const PORT_RANGE: std::ops::Range<u16> = 10_000..12_768;
+/// Lines of the node's log quoted when it fails to come up.
+const LOG_TAIL_LINES: usize = 60;
+/// Watermarks: one low enough to trip the memory alarm at once, and the default.
+const WATERMARK_ALARM: &str = "0.0001";
+const WATERMARK_DEFAULT: &str = "0.4";
+
+/// Ports handed out by this process and not yet bound by their node, so two
+/// tests starting nodes at once cannot pick the same pair.
+static TAKEN_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+static NODE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running private RabbitMQ node; shut down and deleted on drop.
+pub struct PrivateNode {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateNode {
+    /// Starts a fresh node and waits until it has fully booted. Panics with
+    /// the node's log tail if it does not come up within 60 s.
+    pub async fn start() -> PrivateNode {
+        // A port that looked free may be grabbed by someone else before the
+        // node binds it; such a node dies with `eaddrinuse`, so try again.
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(node) => return node,
+                Err(node) => {
+                    eprintln!(
+                        "private node {} lost its port {} to someone else; retrying",
+                        node.name, node.port
+                    );
+                    drop(node);
+                }
+            }
+        }
+        panic!("private RabbitMQ node: ports kept being taken, gave up after 3 attempts");
+    }
+
+    /// `Err` only when the node died because its port was taken; any other
+    /// failure panics.
+    async fn try_start() -> Result<PrivateNode, PrivateNode> {
+        let port = pick_ports();
+        let n = NODE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "itpn-{}-{n}-{:08x}@localhost",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let dir = std::env::temp_dir().join(name.replace('@', "-"));
+        // From here on Drop cleans up, whatever happens.
+        let node = PrivateNode {
+            name,
+            port,
+            dir: dir.clone(),
+        };
+        let result = node.boot().await;
+        release_ports(port);
+        match result {
+            Ok(()) => Ok(node),
+            Err(()) => Err(node),
+        }
+    }
+
+    async fn boot(&self) -> Result<(), ()> {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir.join("mnesia")).expect("create node mnesia dir");
+        std::fs::create_dir_all(dir.join("log")).expect("create node log dir");
+        std::fs::write(dir.join("plugins"), "[].\n").expect("write enabled plugins file");
+        // Our own config file: the system one (/etc/rabbitmq/rabbitmq.conf)
+        // would add a listener on 5672, which the shared broker holds.
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{}\n", self.port),
+        )
+        .expect("write node config file");
+        chown_to_rabbitmq(dir);
+
+        let started = Instant::now();
+        let output = run_bounded(
+            Command::new(tool("rabbitmq-server"))
+                .arg("-detached")
+                .envs(self.server_env())
+                .current_dir("/"),
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq-server -detached for {}: {e}", self.name));
+        assert!(
+            output.status.success(),
+            "rabbitmq-server -detached for {} failed: {}",
+            self.name,
+            describe(&output)
+        );
+
+        // Right after -detached the node is not reachable yet and
+        // await_startup fails at once; retry until it answers.
+        let deadline = started + STARTUP;
+        let mut last = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "private RabbitMQ node {} (amqp port {}) did not start within {STARTUP:?}; \
+                     last await_startup: {last}\n--- log tail ---\n{}",
+                    self.name,
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            let secs = left.as_secs().max(1).to_string();
+            match self
+                .ctl_output(&["await_startup", "--timeout", &secs], left + CTL_TIMEOUT)
+                .await
+            {
+                Ok(output) if output.status.success() => break,
+                Ok(output) => last = describe(&output),
+                Err(e) => last = e,
+            }
+            if self.died() {
+                let log = self.log_tail();
+                if log.contains("eaddrinuse") {
+                    return Err(());
+                }
+                panic!(
+                    "private RabbitMQ node {} (amqp port {}) died while starting; \
+                     last await_startup: {last}\n--- log tail ---\n{log}",
+                    self.name, self.port
+                );
+            }
+            sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "private RabbitMQ node {} up on 127.0.0.1:{} in {:.1?}",
+            self.name,
+            self.port,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    fn server_env(&self) -> Vec<(&'static str, String)> {
+        let dir = self.dir.display();
+        vec![
+            ("RABBITMQ_NODENAME", self.name.clone()),
+            ("RABBITMQ_NODE_PORT", self.port.to_string()),
+            ("RABBITMQ_DIST_PORT", (self.port + DIST_OFFSET).to_string()),
+            ("RABBITMQ_MNESIA_BASE", format!("{dir}/mnesia")),
+            ("RABBITMQ_LOG_BASE", format!("{dir}/log")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE", format!("{dir}/plugins")),
+            ("RABBITMQ_PID_FILE", format!("{dir}/pid")),
+            ("RABBITMQ_CONFIG_FILE", format!("{dir}/rabbitmq.conf")),
+            // Does not exist: keeps a system advanced.config out too.
+            (
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                format!("{dir}/advanced.config"),
+            ),
+        ]
+    }
+
+    /// Erlang node name, e.g. `itpn-123-0-1a2b3c4d@localhost`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's folder (mnesia, log, pid file, config).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// OS pid of the node's Erlang VM, from its pid file.
+    pub fn os_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn amqp_port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn amqp_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// guest/guest on the default vhost (guest may log in from localhost).
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops the RabbitMQ application (the VM stays up): clients lose their
+    /// connections and the AMQP port refuses new ones.
+    pub async fn stop_app(&self) {
+        self.rabbitmqctl(&["stop_app"]).await;
+    }
+
+    /// Starts the application again and waits until it has fully booted.
+    pub async fn start_app(&self) {
+        self.rabbitmqctl(&["start_app"]).await;
+        let secs = STARTUP.as_secs().to_string();
+        self.rabbitmqctl(&["await_startup", "--timeout", &secs])
+            .await;
+    }
+
+    /// Raises (`true`) or clears (`false`) the memory alarm via the memory
+    /// high watermark, and waits until the node reports it so.
+    pub async fn set_memory_alarm(&self, on: bool) {
+        let watermark = if on {
+            WATERMARK_ALARM
+        } else {
+            WATERMARK_DEFAULT
+        };
+        self.rabbitmqctl(&["set_vm_memory_high_watermark", watermark])
+            .await;
+        let deadline = Instant::now() + ALARM_TIMEOUT;
+        loop {
+            let alarms = self.alarms().await;
+            if alarms.contains("resource_limit,memory") == on {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "memory alarm on {} still {} after {ALARM_TIMEOUT:?}: {alarms}",
+                self.name,
+                if on { "off" } else { "on" }
+            );
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The node's active alarms as an Erlang term, e.g.
+    /// `[{{resource_limit,memory,'n@localhost'},[]}]`.
+    pub async fn alarms(&self) -> String {
+        self.rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])
+            .await
+    }
+
+    /// Runs `rabbitmqctl -n <node> args`, asserts it succeeded, returns stdout.
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> String {
+        let output = self
+            .ctl_output(args, CTL_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("rabbitmqctl -n {} {args:?}: {e}", self.name));
+        assert!(
+            output.status.success(),
+            "rabbitmqctl -n {} {args:?} failed: {}",
+            self.name,
+            describe(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    async fn ctl_output(&self, args: &[&str], limit: Duration) -> Result<Output, String> {
+        Self::ctl_output_for(&self.name, args, limit).await
+    }
+
+    async fn ctl_output_for(name: &str, args: &[&str], limit: Duration) -> Result<Output, String> {
+        run_bounded(
+            Command::new(tool("rabbitmqctl"))
+                .arg("-n")
+                .arg(name)
+                .args(args)
+                .current_dir("/"),
+            limit,
+        )
+        .await
+    }
+
+    /// Whether a node of that name answers `rabbitmqctl status` — to check
+    /// after drop that it is really gone.
+    pub async fn responds(name: &str) -> bool {
+        Self::ctl_output_for(name, &["status"], CTL_TIMEOUT)
+            .await
+            .is_ok_and(|output| output.status.success())
+    }
+
+    /// Whether an OS process with that pid is alive (zombies count as dead).
+    pub fn pid_alive(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Format: `pid (comm) state ...`; comm may contain spaces.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(_) => false,
+        }
+    }
+
+    /// True once the pid file names a process that no longer exists.
+    fn died(&self) -> bool {
+        self.os_pid().is_some_and(|pid| !Self::pid_alive(pid))
+    }
+
+    /// Last lines of the node's main log (plus a crash dump slogan, if any).
+    pub fn log_tail(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.name));
+        let mut tail = match std::fs::read_to_string(&log) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            }
+            Err(e) => format!("(cannot read {}: {e})", log.display()),
+        };
+        let dump = self.dir.join("log").join("erl_crash.dump");
+        if let Ok(text) = std::fs::read_to_string(dump)
+            && let Some(slogan) = text.lines().find(|l| l.starts_with("Slogan:"))
+        {
+            tail.push_str("\nerl_crash.dump ");
+            tail.push_str(slogan);
+        }
+        tail
+    }
+}
+
+impl Drop for PrivateNode {
+    fn drop(&mut self) {
+        let pid = self.os_pid();
+        if pid.is_some_and(Self::pid_alive) {
+            let mut command = StdCommand::new(tool("rabbitmqctl"));
+            command
+                .args(["-n", &self.name, "shutdown"])
+                .current_dir("/");
+            if let Err(e) = run_blocking_bounded(&mut command, CTL_TIMEOUT) {
+                eprintln!("rabbitmqctl -n {} shutdown: {e}", self.name);
+            }
+        }
+        // Last resort for a node that would not shut down: kill its VM, by
+        // the pid it wrote itself.
+        if let Some(pid) = pid.filter(|&pid| Self::pid_alive(pid)) {
+            eprintln!("private node {} still alive; killing pid {pid}", self.name);
+            let _ = StdCommand::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while Self::pid_alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// Prefers the `/usr/sbin` wrapper (see the module docs on the cookie).
+fn tool(name: &str) -> PathBuf {
+    let sbin = Path::new("/usr/sbin").join(name);
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// Runs a command to completion, killing it if it takes longer than `limit`.
+async fn run_bounded(command: &mut Command, limit: Duration) -> Result<Output, String> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot spawn: {e}"))?;
+    match timeout(limit, child.wait_with_output()).await {
+        Ok(result) => result.map_err(|e| format!("wait failed: {e}")),
+        Err(_) => Err(format!("timed out after {limit:?}")),
+    }
+}
+
+/// Blocking variant for Drop: runs `command`, killing it after `limit`.
+fn run_blocking_bounded(command: &mut StdCommand, limit: Duration) -> Result<(), String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot spawn: {e}"))?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                return Err(format!("{status}: {}", stderr.trim()));
+            }
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("timed out after {limit:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("wait failed: {e}")),
+        }
+    }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )
+}
+
+/// The node runs as `rabbitmq` (the wrapper drops to it when run as root), so
+/// it must own its folder.
+fn chown_to_rabbitmq(dir: &Path) {
+    let status = StdCommand::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(dir)
+        .status()
+        .expect("run chown");
+    assert!(
+        status.success(),
+        "chown -R rabbitmq:rabbitmq {} failed: {status}",
+        dir.display()
+    );
+}
+
+/// An AMQP port `p` with `p` and `p + 20000` both free on 127.0.0.1 and not
+/// handed out to another node of this process; release with [`release_ports`].
+fn pick_ports() -> u16 {
+    let mut taken = TAKEN_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let taken = taken.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let port = fastrand::u16(PORT_RANGE);
+        if taken.contains(&port) {
+            continue;
+        }
+        let free = |p: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok();
+        if free(port) && free(port + DIST_OFFSET) {
+            taken.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port pair p, p+{DIST_OFFSET} found in {PORT_RANGE:?}");
+}
+
+fn release_ports(port: u16) {
+    if let Some(taken) = TAKEN_PORTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        taken.remove(&port);
+    }
+}
