@@ -25,33 +25,38 @@ async fn connect(url: &str) -> Connection {
 
 /// A confirm-mode channel with `queue` declared on it.
 async fn confirmed_channel(conn: &Connection, queue: &str) -> Channel {
-    let channel = conn.create_channel().await.expect("create channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm_select");
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare queue");
-    channel
+    timeout(WAIT, async {
+        let channel = conn.create_channel().await.expect("create channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm_select");
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+        channel
+    })
+    .await
+    .expect("opening a confirm channel timed out")
 }
 
 /// Publishes one message to `queue` through the default exchange.
 async fn publish(channel: &Channel, queue: &str) -> PublisherConfirm {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            b"hello",
-            BasicProperties::default(),
-        )
+    let publish = channel.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        b"hello",
+        BasicProperties::default(),
+    );
+    timeout(WAIT, publish)
         .await
+        .expect("basic_publish timed out")
         .expect("basic_publish")
 }
 
@@ -64,16 +69,17 @@ async fn assert_acked(confirm: PublisherConfirm, what: &str) {
 }
 
 async fn ready_count(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let declare = channel.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    timeout(WAIT, declare)
         .await
+        .expect("passive declare timed out")
         .expect("passive declare")
         .message_count()
 }
@@ -145,8 +151,12 @@ async fn private_node_starts_restarts_and_raises_a_memory_alarm() {
     let conn = connect(&url).await;
     let channel = confirmed_channel(&conn, &queue).await;
     assert_acked(publish(&channel, &queue).await, "publish after restart").await;
+    // A blocked connection is not read from at all, so queue depths are
+    // checked over a connection that never publishes (and is never blocked).
+    let observer = connect(&url).await;
+    let observe = observer.create_channel().await.expect("observer channel");
     // The restart dropped the non-durable queue and its first message.
-    assert_eq!(ready_count(&channel, &queue).await, 1);
+    assert_eq!(ready_count(&observe, &queue).await, 1);
     let mut old_events = conn.events_listener();
 
     // 4. Memory alarm: publishing connections get blocked. RabbitMQ 3.10
@@ -180,14 +190,14 @@ async fn private_node_starts_restarts_and_raises_a_memory_alarm() {
     .await;
     eventually("old connection status blocked", || conn.status().blocked()).await;
 
-    // Blocked means held back, not refused: no confirm while the alarm lasts.
+    // Blocked means held back, not refused: nothing lands while it lasts.
     sleep(Duration::from_millis(500)).await;
-    let check = new_conn
-        .create_channel()
-        .await
-        .expect("channel while blocked");
+    assert!(
+        !observer.status().blocked(),
+        "non-publishing observer blocked"
+    );
     assert_eq!(
-        ready_count(&check, &queue).await,
+        ready_count(&observe, &queue).await,
         1,
         "a publish got through the alarm"
     );
@@ -208,9 +218,10 @@ async fn private_node_starts_restarts_and_raises_a_memory_alarm() {
     }
     assert_acked(new_pending, "new connection's held-back publish").await;
     assert_acked(old_pending, "old connection's held-back publish").await;
-    assert_eq!(ready_count(&check, &queue).await, 3);
-    let _ = new_conn.close(200, "OK".into()).await;
-    let _ = conn.close(200, "OK".into()).await;
+    assert_eq!(ready_count(&observe, &queue).await, 3);
+    for c in [&new_conn, &conn, &observer] {
+        let _ = timeout(WAIT, c.close(200, "OK".into())).await;
+    }
 
     // 6. Drop shuts the node down and removes its folder.
     let name = node.name().to_owned();

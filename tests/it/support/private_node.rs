@@ -14,8 +14,15 @@
 //! same cookie lets it talk to private nodes. The node runs as `rabbitmq`, so
 //! its folder is chowned to that user.
 //!
+//! Broker behaviour worth knowing when writing tests against it (3.10):
+//! `connection.blocked` is sent only once a connection publishes while the
+//! alarm is on (not on connect, not when the alarm starts), and a blocked
+//! connection is not read from at all, so check queue depths over a
+//! connection that never publishes. `stop_app` loses non-durable queues and
+//! transient messages.
+//!
 //! The node is shut down (and its folder removed) on drop, also when the test
-//! panics.
+//! panics; a detached watchdog does the same if the test process is killed.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -92,11 +99,7 @@ impl PrivateNode {
         );
         let dir = std::env::temp_dir().join(name.replace('@', "-"));
         // From here on Drop cleans up, whatever happens.
-        let node = PrivateNode {
-            name,
-            port,
-            dir: dir.clone(),
-        };
+        let node = PrivateNode { name, port, dir };
         let result = node.boot().await;
         release_ports(port);
         match result {
@@ -118,6 +121,7 @@ impl PrivateNode {
         )
         .expect("write node config file");
         chown_to_rabbitmq(dir);
+        self.spawn_watchdog();
 
         let started = Instant::now();
         let output = run_bounded(
@@ -153,7 +157,10 @@ impl PrivateNode {
             }
             let secs = left.as_secs().max(1).to_string();
             match self
-                .ctl_output(&["await_startup", "--timeout", &secs], left + CTL_TIMEOUT)
+                .ctl_output(
+                    &["await_startup", "--timeout", &secs],
+                    left + Duration::from_secs(5),
+                )
                 .await
             {
                 Ok(output) if output.status.success() => break,
@@ -180,6 +187,32 @@ impl PrivateNode {
             started.elapsed()
         );
         Ok(())
+    }
+
+    /// Drop does not run when the test process is killed (a timeout, Ctrl-C),
+    /// so a detached shell polls it and shuts the node down if it goes away
+    /// first. It exits by itself once Drop has removed the folder.
+    fn spawn_watchdog(&self) {
+        const SCRIPT: &str = r#"
+            while kill -0 "$1" 2>/dev/null && [ -d "$2" ]; do sleep 1; done
+            [ -d "$2" ] || exit 0
+            timeout 60 "$4" -n "$3" shutdown >/dev/null 2>&1
+            rm -rf "$2"
+        "#;
+        // `setsid -f` forks the watchdog into its own session (out of reach of
+        // the test's process group) and returns at once.
+        let status = StdCommand::new("setsid")
+            .args(["-f", "sh", "-c", SCRIPT, "private-node-watchdog"])
+            .arg(std::process::id().to_string())
+            .arg(&self.dir)
+            .arg(&self.name)
+            .arg(tool("rabbitmqctl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn private node watchdog");
+        assert!(status.success(), "setsid -f (watchdog) failed: {status}");
     }
 
     fn server_env(&self) -> Vec<(&'static str, String)> {
