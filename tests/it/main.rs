@@ -1,3 +1,4 @@
+mod broker_node;
 mod faults;
 mod private_node_selftest;
 mod publish;

@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -36,11 +38,15 @@ pub fn unique(prefix: &str) -> String {
 /// Connects directly to the broker, panicking with a how-to-fix message if it
 /// is not running (the most common reason integration tests fail locally).
 pub async fn connect_broker() -> Connection {
-    Connection::connect(AMQP_URL, ConnectionProperties::default())
+    connect_to(AMQP_URL).await
+}
+
+async fn connect_to(url: &str) -> Connection {
+    Connection::connect(url, ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| {
             panic!(
-                "RabbitMQ is not reachable at {AMQP_ADDR} ({e}): \
+                "RabbitMQ is not reachable at {url} ({e}): \
                  start it with `rabbitmq-server -detached`"
             )
         })
@@ -52,6 +58,8 @@ pub async fn connect_broker() -> Connection {
 pub struct TestQueue {
     pub exchange: String,
     pub queue: String,
+    /// The broker it lives on: the shared one, or a private node.
+    url: String,
     connection: Connection,
     channel: Channel,
 }
@@ -68,7 +76,26 @@ impl TestQueue {
     /// here too, with exactly the properties the service uses (durable topic,
     /// not auto-delete), so either side may declare it first.
     pub async fn bind_existing(exchange: &str, binding_key: &str) -> TestQueue {
-        let connection = connect_broker().await;
+        Self::on(AMQP_URL, exchange, binding_key).await
+    }
+
+    /// Like [`TestQueue::new`], on the broker at `url` (e.g. a private node).
+    pub async fn new_at(url: &str, binding_key: &str) -> TestQueue {
+        Self::on(url, &unique("ingest-test"), binding_key).await
+    }
+
+    /// Opens a fresh connection after the broker restarted under the old one.
+    pub async fn reconnect(&mut self) {
+        self.connection = connect_to(&self.url).await;
+        self.channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("create channel");
+    }
+
+    async fn on(url: &str, exchange: &str, binding_key: &str) -> TestQueue {
+        let connection = connect_to(url).await;
         let channel = connection.create_channel().await.expect("create channel");
         channel
             .exchange_declare(
@@ -112,6 +139,7 @@ impl TestQueue {
         TestQueue {
             exchange: exchange.to_owned(),
             queue,
+            url: url.to_owned(),
             connection,
             channel,
         }
@@ -186,19 +214,46 @@ impl TestQueue {
 
     /// Drains the queue and returns each message's `message_id` property, in
     /// order. Panics if a message has none, since the service always sets it.
+    /// Uses a consumer rather than one `basic_get` round trip per message: reading
+    /// 20,000 messages one by one takes seconds. Call it once the queue has settled.
     pub async fn message_ids(&self) -> Vec<String> {
-        self.take_all()
+        let n = self.count().await as usize;
+        if n == 0 {
+            return Vec::new();
+        }
+        let tag = unique("ids");
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
-            .iter()
-            .map(|m| {
-                m.delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .expect("message has no message_id property")
-                    .to_string()
-            })
-            .collect()
+            .expect("consume test queue");
+        let mut ids = Vec::with_capacity(n);
+        while ids.len() < n {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                .await
+                .expect("test queue stopped delivering")
+                .expect("consumer ended")
+                .expect("delivery");
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .expect("message has no message_id property");
+            ids.push(id.to_string());
+        }
+        self.channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .expect("cancel consumer");
+        ids
     }
 
     /// Publishes `payload` straight to the exchange (bypassing the service)

@@ -1,0 +1,113 @@
+//! Faults only a broker of our own can show: a restart and a memory alarm, on a
+//! private RabbitMQ node (never the shared one).
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::{
+    PrivateNode, TestQueue, json_event, request, run_load, spawn_server, test_config,
+};
+
+const GUARD: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn broker_restart_under_load_recovers_and_loses_nothing_acknowledged() {
+    let node = PrivateNode::start().await;
+    let mut queue = TestQueue::new_at(&node.amqp_url(), "#").await;
+    let mut config = test_config(&node.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(300);
+    config.stream_stall_timeout = Duration::from_secs(10);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let disconnects = server.count_disconnects();
+    let client = server.client().await;
+
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { run_load(&client, Duration::from_secs(6), 4, 2, 10).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    node.stop_app().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    node.start_app().await;
+    let report = load.await.unwrap();
+
+    assert!(
+        disconnects.load(Ordering::SeqCst) >= 1,
+        "the restart was seen"
+    );
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    server.wait_admission_idle(GUARD).await;
+    queue.reconnect().await;
+    report.assert_invariants(&queue).await;
+    let mut client = client;
+    let ok = client
+        .publish(request(vec![json_event("t", "after-restart", "{}")]))
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().ids, vec!["after-restart"]);
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
+    let node = PrivateNode::start().await;
+    let queue = TestQueue::new_at(&node.amqp_url(), "#").await;
+    let mut config = test_config(&node.amqp_url(), &queue.exchange);
+    config.buffer_events = 50;
+    config.confirm_timeout = Duration::from_secs(30);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let client = server.client().await;
+
+    node.set_memory_alarm(true).await;
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { run_load(&client, Duration::from_secs(5), 4, 2, 5).await }
+    });
+    // RabbitMQ blocks a connection once it publishes during the alarm.
+    let mut broker = server.broker.clone();
+    tokio::time::timeout(GUARD, broker.wait_for(|s| s.blocked))
+        .await
+        .expect("the service must see connection.blocked")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        server.broker.borrow().connected,
+        "blocked is not disconnected"
+    );
+    assert_eq!(
+        queue.count().await,
+        0,
+        "nothing is enqueued while the alarm lasts"
+    );
+    assert_eq!(
+        server.admission.in_use().events,
+        50,
+        "the buffer filled while blocked"
+    );
+    node.set_memory_alarm(false).await;
+    tokio::time::timeout(GUARD, broker.wait_for(|s| !s.blocked))
+        .await
+        .unwrap()
+        .unwrap();
+    let report = load.await.unwrap();
+
+    assert!(
+        report.errored.contains_key("ResourceExhausted"),
+        "callers were pushed back while blocked: {report:?}"
+    );
+    for code in report.errored.keys() {
+        assert!(
+            ["ResourceExhausted", "Unavailable"].contains(&code.as_str()),
+            "{report:?}"
+        );
+    }
+    server.wait_admission_idle(GUARD).await;
+    let landed = report.assert_invariants(&queue).await;
+    assert!(landed > 0, "publishing resumed after the alarm");
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
