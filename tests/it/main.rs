@@ -4,6 +4,7 @@ mod private_node_selftest;
 mod publish;
 mod python_client;
 mod shutdown;
+mod soak;
 mod stream;
 mod support;
 mod support_selftest;

@@ -46,38 +46,62 @@ impl LoadReport {
         self.errored.values().sum()
     }
 
-    /// Reads the queue and checks the invariants; returns how many landed.
-    pub async fn assert_invariants(&self, queue: &TestQueue) -> usize {
+    /// Reads the queue (draining it) and compares it with what was sent and acked.
+    pub async fn totals(&self, queue: &TestQueue) -> Totals {
         let landed = queue.message_ids().await;
         let unique_landed: BTreeSet<String> = landed.iter().cloned().collect();
-        assert_eq!(unique_landed.len(), landed.len(), "an event arrived twice");
-        let lost: Vec<&String> = self.acked.difference(&unique_landed).collect();
-        assert!(
-            lost.is_empty(),
-            "{} acknowledged events are not in the broker: {:?}",
-            lost.len(),
-            &lost[..lost.len().min(5)]
+        Totals {
+            landed: landed.len(),
+            duplicates: landed.len() - unique_landed.len(),
+            lost: self.acked.difference(&unique_landed).cloned().collect(),
+            unsent: unique_landed.difference(&self.sent).cloned().collect(),
+        }
+    }
+
+    /// Reads the queue and checks the invariants; returns how many landed.
+    pub async fn assert_invariants(&self, queue: &TestQueue) -> usize {
+        let totals = self.totals(queue).await;
+        eprintln!(
+            "load: {} calls, {} sent, {} acked, errors {:?}, {} in the broker, {} lost",
+            self.calls,
+            self.sent.len(),
+            self.acked.len(),
+            self.errored,
+            totals.landed,
+            totals.lost.len()
         );
-        let unsent: Vec<&String> = unique_landed.difference(&self.sent).collect();
+        assert_eq!(totals.duplicates, 0, "events arrived twice");
         assert!(
-            unsent.is_empty(),
-            "events in the broker that were never sent: {unsent:?}"
+            totals.lost.is_empty(),
+            "{} acknowledged events are not in the broker: {:?}",
+            totals.lost.len(),
+            totals.lost.iter().take(5).collect::<Vec<_>>()
+        );
+        assert!(
+            totals.unsent.is_empty(),
+            "events in the broker that were never sent: {:?}",
+            totals.unsent
         );
         assert_eq!(
             self.acked.len() + self.errors(),
             self.sent.len(),
             "every event sent is acknowledged or explicitly failed"
         );
-        eprintln!(
-            "load: {} calls, {} sent, {} acked, errors {:?}, {} in the broker",
-            self.calls,
-            self.sent.len(),
-            self.acked.len(),
-            self.errored,
-            landed.len()
-        );
-        landed.len()
+        totals.landed
     }
+}
+
+/// A load run compared with the broker's queue.
+#[derive(Debug)]
+pub struct Totals {
+    /// Messages in the queue.
+    pub landed: usize,
+    /// Messages in the queue more than once.
+    pub duplicates: usize,
+    /// Acknowledged ids missing from the queue.
+    pub lost: BTreeSet<String>,
+    /// Ids in the queue that were never sent.
+    pub unsent: BTreeSet<String>,
 }
 
 /// Runs `unary` workers (batches of `batch` events) and `streams` workers (streams of
