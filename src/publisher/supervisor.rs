@@ -38,13 +38,22 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 attempt = 0;
                 tracing::info!(exchange = %shared.settings.exchange, channels = shared.settings.channels, "connected to RabbitMQ");
                 let reason = watch(&shared, &connection).await;
+                let pool = shared.pool.read().ok().and_then(|p| p.clone());
                 set_pool(&shared, None);
                 shared.state.send_replace(BrokerState::default());
                 if shared.stop.is_cancelled() {
-                    let _ = timeout(
-                        CLOSE_TIMEOUT,
-                        connection.close(200, "ingest shutting down".into()),
-                    )
+                    // Channels first, then the connection; all bounded, since a
+                    // blocked broker answers neither.
+                    let _ = timeout(CLOSE_TIMEOUT, async {
+                        if let Some(pool) = pool {
+                            let closes = pool
+                                .channels
+                                .iter()
+                                .map(|c| c.close(200, "ingest shutting down".into()));
+                            futures::future::join_all(closes).await;
+                        }
+                        connection.close(200, "ingest shutting down".into()).await
+                    })
                     .await;
                     tracing::info!("RabbitMQ connection closed");
                     return;

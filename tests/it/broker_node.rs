@@ -6,7 +6,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateNode, TestQueue, json_event, request, run_load, spawn_server, test_config,
+    ChildServer, PrivateNode, TestQueue, json_event, request, run_load, spawn_server, test_config,
 };
 
 const GUARD: Duration = Duration::from_secs(30);
@@ -109,5 +109,50 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
     let landed = report.assert_invariants(&queue).await;
     assert!(landed > 0, "publishing resumed after the alarm");
     server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_while_the_broker_blocks_publishers_still_exits_and_acks_nothing_unconfirmed() {
+    let node = PrivateNode::start().await;
+    let queue = TestQueue::new_at(&node.amqp_url(), "#").await;
+    let mut server = ChildServer::start(
+        &node.amqp_url(),
+        &queue.exchange,
+        &[
+            ("INGEST_DRAIN_TIMEOUT", "2s"),
+            ("INGEST_CONFIRM_TIMEOUT", "60s"),
+        ],
+    );
+    let client = server.ready_client().await;
+    node.set_memory_alarm(true).await;
+
+    let calls = tokio::spawn(futures::future::join_all((0..4).map(|i| {
+        let mut client = client.clone();
+        async move {
+            client
+                .publish(request(vec![json_event(
+                    "t",
+                    &format!("blocked-{i}"),
+                    "{}",
+                )]))
+                .await
+        }
+    })));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.sigterm();
+    // lapin's own close never returns while blocked; the drain deadline must still hold.
+    let status = server.wait_exit().await;
+    assert!(
+        !status.success(),
+        "events were unconfirmed at the deadline: exit non-zero"
+    );
+    for result in tokio::time::timeout(GUARD, calls).await.unwrap().unwrap() {
+        assert!(
+            result.is_err(),
+            "nothing was confirmed, so nothing may be acknowledged"
+        );
+    }
+    node.set_memory_alarm(false).await;
     queue.cleanup().await;
 }
