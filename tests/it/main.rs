@@ -1,3 +1,4 @@
+mod bench_smoke;
 mod broker_node;
 mod faults;
 mod private_node_selftest;

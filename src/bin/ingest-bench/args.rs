@@ -1,0 +1,195 @@
+//! Command-line flags. Every knob that changes what is measured is a flag, so a
+//! result can be reproduced from the command line that produced it.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Measures ingest's throughput, latency, CPU and memory against a direct-to-RabbitMQ
+/// ceiling, in one run, and checks that every acknowledged event reached a queue.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ingest-bench", version)]
+pub struct Args {
+    /// Measured length of each scenario (e.g. 10s). Ignored when --events is given.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Publish exactly this many events per scenario (measured part) instead of
+    /// running for --duration (overload always runs for --overload-duration).
+    #[arg(long)]
+    pub events: Option<u64>,
+
+    /// Unmeasured warm-up before each scenario (connections, JIT-like caches of the
+    /// broker, TCP windows); its events still count in the queue check. 0s: none.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Payload size of every event, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub payload_bytes: usize,
+
+    /// Concurrent callers of unary-1.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Concurrent callers of unary-100 (each call carries 100 events, so fewer
+    /// callers keep as many events in flight).
+    #[arg(long, default_value_t = 8)]
+    pub batch_concurrency: usize,
+
+    /// Concurrent PublishStream calls of stream-1 and stream-100.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+
+    /// HTTP/2 connections the gRPC callers are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+
+    /// AMQP channels: direct publishes over this many, and it is forwarded to the
+    /// server as INGEST_CHANNELS so both sides use the same parallelism.
+    #[arg(long, default_value_t = 4)]
+    pub channels: usize,
+
+    /// Unconfirmed publishes kept in flight per channel by the direct scenario.
+    #[arg(long, default_value_t = 256)]
+    pub inflight: usize,
+
+    /// Scenarios to run, in this order (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,unary-1,unary-100,stream-1,stream-100,overload"
+    )]
+    pub scenarios: Vec<Scenario>,
+
+    /// RabbitMQ URL, for the direct scenario, the queue checks and the server.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
+    /// Benchmark an already running server at HOST:PORT instead of starting one
+    /// (no server CPU/RSS columns; overload is skipped since its broker cannot be
+    /// stalled from here).
+    #[arg(long)]
+    pub addr: Option<String>,
+
+    /// Exchange the server at --addr publishes to; each scenario binds its own
+    /// queue to it.
+    #[arg(long, default_value = "events", requires = "addr")]
+    pub exchange: String,
+
+    /// The ingest binary to start (default: `ingest` next to this executable).
+    #[arg(long)]
+    pub ingest_bin: Option<PathBuf>,
+
+    /// Forwarded to the started server as INGEST_BUFFER_BYTES (default: ingest's).
+    #[arg(long)]
+    pub buffer_bytes: Option<String>,
+
+    /// Forwarded to the started server as INGEST_BUFFER_EVENTS (default: ingest's).
+    #[arg(long)]
+    pub buffer_events: Option<String>,
+
+    /// How long the overload scenario hammers the stalled broker. Keep it well
+    /// under the AMQP heartbeat timeout the child is given (set from this value).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub overload_duration: Duration,
+
+    /// Concurrent unary callers of the overload scenario.
+    #[arg(long, default_value_t = 256)]
+    pub overload_callers: usize,
+
+    /// HTTP/2 connections of the overload callers: calls parked on the stalled
+    /// broker hold HTTP/2 streams, so one connection's stream limit must not cap
+    /// the offered load.
+    #[arg(long, default_value_t = 4)]
+    pub overload_connections: usize,
+
+    /// Events per overload call.
+    #[arg(long, default_value_t = 10)]
+    pub overload_batch: usize,
+
+    /// INGEST_BUFFER_EVENTS of the overload server: small, so it fills at once.
+    #[arg(long, default_value_t = 1000)]
+    pub overload_buffer_events: usize,
+
+    /// INGEST_BUFFER_BYTES of the overload server.
+    #[arg(long, default_value = "1MiB")]
+    pub overload_buffer_bytes: String,
+
+    /// Write the result rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Draw throughput and latency CDFs into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// One measured workload.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// lapin straight to RabbitMQ: the ceiling.
+    #[value(name = "direct")]
+    Direct,
+    /// Unary Publish, 1 event per call.
+    #[value(name = "unary-1")]
+    Unary1,
+    /// Unary Publish, 100 events per call.
+    #[value(name = "unary-100")]
+    Unary100,
+    /// PublishStream, 1 event per message.
+    #[value(name = "stream-1")]
+    Stream1,
+    /// PublishStream, 100 events per message.
+    #[value(name = "stream-100")]
+    Stream100,
+    /// Unary Publish far above capacity against a stalled broker.
+    #[value(name = "overload")]
+    Overload,
+}
+
+impl Scenario {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::Unary1 => "unary-1",
+            Scenario::Unary100 => "unary-100",
+            Scenario::Stream1 => "stream-1",
+            Scenario::Stream100 => "stream-100",
+            Scenario::Overload => "overload",
+        }
+    }
+}
+
+impl Args {
+    /// Checks the values clap cannot: zero counts would measure nothing or hang.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("--concurrency", self.concurrency),
+            ("--batch-concurrency", self.batch_concurrency),
+            ("--streams", self.streams),
+            ("--connections", self.connections),
+            ("--channels", self.channels),
+            ("--inflight", self.inflight),
+            ("--overload-callers", self.overload_callers),
+            ("--overload-connections", self.overload_connections),
+            ("--overload-batch", self.overload_batch),
+            ("--overload-buffer-events", self.overload_buffer_events),
+        ];
+        for (flag, value) in positive {
+            anyhow::ensure!(value > 0, "{flag} must be at least 1");
+        }
+        anyhow::ensure!(
+            self.events.is_some() || !self.duration.is_zero(),
+            "--duration must be greater than zero (or give --events)"
+        );
+        anyhow::ensure!(self.events != Some(0), "--events must be at least 1");
+        anyhow::ensure!(
+            !self.overload_duration.is_zero(),
+            "--overload-duration must be greater than zero"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! `ingest-bench`: what ingest costs compared with publishing to RabbitMQ directly.
+//!
+//! In one run it measures `direct` (lapin straight to the broker: the ceiling),
+//! unary and streaming gRPC through a freshly started `ingest` per scenario, and an
+//! overload against a stalled broker; every scenario's queue is checked to hold
+//! exactly the events that were acknowledged. Prints a table on stdout, optionally
+//! writes JSON and an SVG plot, and exits non-zero if any check fails.
+//!
+//! It is a separate binary with its own modules so that the service binary carries
+//! none of its dependencies (progress bars, plotting, histograms).
+
+mod args;
+mod broker;
+mod direct;
+mod grpc;
+mod overload;
+mod plan;
+mod plot;
+mod progress;
+mod proxy;
+mod report;
+mod scenarios;
+mod server;
+
+use std::{process::ExitCode, time::Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+
+use crate::{
+    args::{Args, Scenario},
+    broker::Broker,
+    report::{QueueCheck, Row},
+    scenarios::Env,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(error) = args.validate() {
+        eprintln!("ingest-bench: {error}");
+        return ExitCode::from(2);
+    }
+    match run(&args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("ingest-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every scenario asked for; `Ok(false)` if one failed or a queue check did.
+async fn run(args: &Args) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let needs_server = args.scenarios.iter().any(|s| *s != Scenario::Direct);
+    let ingest_bin = if needs_server && args.addr.is_none() {
+        Some(server::ingest_bin(args.ingest_bin.as_ref())?)
+    } else {
+        None
+    };
+    let broker = Broker::connect(&args.amqp_url).await?;
+    let env = Env {
+        args,
+        broker: &broker,
+        ingest_bin: ingest_bin.as_deref(),
+        payload: payload(args.payload_bytes),
+    };
+
+    let mut ok = true;
+    let mut rows = Vec::with_capacity(args.scenarios.len());
+    for &scenario in &args.scenarios {
+        if scenario == Scenario::Overload && args.addr.is_some() {
+            eprintln!("ingest-bench: overload skipped: it needs a server it starts (no --addr)");
+            continue;
+        }
+        match scenarios::run(&env, scenario).await {
+            Ok(measured) => {
+                let row = Row::new(scenario, measured, args.payload_bytes);
+                eprintln!(
+                    "{:>10}: {} events, {:.0} events/s, queue {:?}",
+                    row.scenario, row.events, row.events_per_sec, row.queue_check
+                );
+                rows.push(row);
+            }
+            Err(error) => {
+                eprintln!("ingest-bench: {} failed: {error:#}", scenario.name());
+                ok = false;
+            }
+        }
+    }
+    broker.close().await;
+
+    report::fill_ratios(&mut rows);
+    print!("{}", report::table(&rows));
+    println!("run time {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &args.json {
+        report::write_json(path, &rows)?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(path, &rows)?;
+    }
+    for row in rows
+        .iter()
+        .filter(|r| r.queue_check == QueueCheck::Mismatch)
+    {
+        eprintln!(
+            "ingest-bench: {}: queue holds {} messages, {} events were acknowledged",
+            row.scenario, row.queue_actual, row.queue_expected
+        );
+        ok = false;
+    }
+    Ok(ok)
+}
+
+/// A payload of `len` bytes, not all zeros (so nothing on the way can shortcut
+/// it), shared by every event without copying.
+fn payload(len: usize) -> Bytes {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}

@@ -1,0 +1,261 @@
+//! Result rows: the table on stdout and the same rows as JSON.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use crate::{args::Scenario, scenarios::Measured};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Quantiles sampled for the latency CDF plot: fine steps in the body, then the tail.
+const CDF_QUANTILES: &[f64] = &[0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0];
+
+/// Whether the queue held exactly the acknowledged events.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueCheck {
+    Ok,
+    Mismatch,
+}
+
+/// One scenario's line of the report.
+#[derive(Serialize, Debug, Clone)]
+pub struct Row {
+    pub scenario: String,
+    /// Workload shape, e.g. "64 callers x 1 on 1 conn".
+    pub setup: String,
+    /// Events acknowledged in the measured phase.
+    pub events: u64,
+    /// Wall time of the measured phase.
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    /// Payload bytes per second, in MiB.
+    pub mib_per_sec: f64,
+    /// Throughput relative to the direct scenario of the same run (not for overload).
+    pub ratio_to_direct: Option<f64>,
+    /// What the latency percentiles time: "publish", "call", "refusal" or "n/a".
+    pub latency_of: &'static str,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    /// Calls or publishes that failed for good.
+    pub errors: u64,
+    /// Calls answered RESOURCE_EXHAUSTED.
+    pub refused: u64,
+    /// Server CPU seconds per million events of the measured phase (not for
+    /// overload, whose CPU goes to refusals: see its notes).
+    pub server_cpu_s_per_million: Option<f64>,
+    /// Server peak RSS (VmHWM), MiB.
+    pub server_peak_rss_mib: Option<f64>,
+    /// Events acknowledged in the whole scenario, warm-up included.
+    pub queue_expected: u64,
+    /// Messages found in the scenario's queue.
+    pub queue_actual: u64,
+    pub queue_check: QueueCheck,
+    pub notes: Vec<String>,
+    /// (latency ms, percentile) points for the plot.
+    #[serde(skip)]
+    pub cdf: Vec<(f64, f64)>,
+}
+
+impl Row {
+    /// Turns a measurement into a row.
+    pub fn new(scenario: Scenario, measured: Measured, payload_bytes: usize) -> Self {
+        let Measured {
+            setup,
+            tally,
+            elapsed,
+            server,
+            queue_expected,
+            queue_actual,
+            mut notes,
+        } = measured;
+        let seconds = elapsed.as_secs_f64().max(1e-9);
+        let events = tally.acked;
+        let latency = &tally.latency;
+        let has_latency = !latency.is_empty();
+        let ms = |q: f64| has_latency.then(|| latency.value_at_quantile(q) as f64 / 1000.0);
+        let cdf = if has_latency {
+            (0..99)
+                .map(|i| f64::from(i) / 100.0)
+                .chain(CDF_QUANTILES.iter().copied())
+                .map(|q| (latency.value_at_quantile(q) as f64 / 1000.0, q * 100.0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(error) = &tally.first_error {
+            notes.push(format!("{} errors, first: {error}", tally.errors));
+        }
+        if tally.refused > 0 && scenario != Scenario::Overload {
+            notes.push(format!("{} calls refused and retried", tally.refused));
+        }
+        // Overload's server CPU goes to refusing calls, not to the few events it
+        // admits: per refusal is the meaningful unit there.
+        let cpu_per_million = match (scenario, server) {
+            (Scenario::Overload, Some(s)) => {
+                let calls = (tally.refused + tally.errors).max(1);
+                notes.push(format!(
+                    "server CPU {:.2} s = {:.0} us per refused call",
+                    s.cpu_seconds,
+                    s.cpu_seconds * 1e6 / calls as f64
+                ));
+                None
+            }
+            (_, Some(s)) if events > 0 => Some(s.cpu_seconds / (events as f64 / 1e6)),
+            _ => None,
+        };
+        let latency_of = match scenario {
+            _ if !has_latency => "n/a",
+            Scenario::Direct => "publish",
+            Scenario::Overload => "refusal",
+            _ => "call",
+        };
+        Self {
+            scenario: scenario.name().to_owned(),
+            setup,
+            events,
+            seconds,
+            events_per_sec: events as f64 / seconds,
+            mib_per_sec: events as f64 * payload_bytes as f64 / seconds / MIB,
+            ratio_to_direct: None,
+            latency_of,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            errors: tally.errors,
+            refused: tally.refused,
+            server_cpu_s_per_million: cpu_per_million,
+            server_peak_rss_mib: server.map(|s| s.peak_rss as f64 / MIB),
+            queue_expected,
+            queue_actual,
+            queue_check: if queue_expected == queue_actual {
+                QueueCheck::Ok
+            } else {
+                QueueCheck::Mismatch
+            },
+            notes,
+            cdf,
+        }
+    }
+}
+
+/// Fills in each row's throughput relative to the direct row, if there is one.
+pub fn fill_ratios(rows: &mut [Row]) {
+    let direct = rows
+        .iter()
+        .find(|r| r.scenario == Scenario::Direct.name())
+        .map(|r| r.events_per_sec)
+        .filter(|&rate| rate > 0.0);
+    if let Some(direct) = direct {
+        // Overload's throughput is bounded by the stall by design; no ratio.
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.scenario != Scenario::Overload.name())
+        {
+            row.ratio_to_direct = Some(row.events_per_sec / direct);
+        }
+    }
+}
+
+/// The table, then one block of notes per scenario.
+pub fn table(rows: &[Row]) -> String {
+    let header = [
+        "scenario",
+        "events",
+        "events/s",
+        "MiB/s",
+        "x direct",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "CPU s/M ev",
+        "RSS MiB",
+        "queue",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.scenario.clone(),
+                r.events.to_string(),
+                format!("{:.0}", r.events_per_sec),
+                format!("{:.1}", r.mib_per_sec),
+                opt(r.ratio_to_direct, 2),
+                opt(r.p50_ms, 3),
+                opt(r.p99_ms, 3),
+                opt(r.p999_ms, 3),
+                r.errors.to_string(),
+                opt(r.server_cpu_s_per_million, 1),
+                opt(r.server_peak_rss_mib, 1),
+                match r.queue_check {
+                    QueueCheck::Ok => "ok".to_owned(),
+                    QueueCheck::Mismatch => {
+                        format!("MISMATCH {}/{}", r.queue_actual, r.queue_expected)
+                    }
+                },
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|row| row[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |out: &mut String, row: &[&str]| {
+        for (i, cell) in row.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "  " };
+            // Names left, numbers right, so columns of numbers line up.
+            if i == 0 || i == row.len() - 1 {
+                let _ = write!(out, "{sep}{cell:<w$}", w = widths[i]);
+            } else {
+                let _ = write!(out, "{sep}{cell:>w$}", w = widths[i]);
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+    };
+    line(&mut out, &header);
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    line(
+        &mut out,
+        &rule.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for row in &cells {
+        line(
+            &mut out,
+            &row.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+    out.push('\n');
+    for r in rows {
+        let latency = match r.latency_of {
+            "n/a" => "no per-call latency (a stream is answered only at its end)".to_owned(),
+            of => format!("latency per {of}"),
+        };
+        let _ = writeln!(out, "{}: {}; {latency}", r.scenario, r.setup);
+        for note in &r.notes {
+            let _ = writeln!(out, "    {note}");
+        }
+    }
+    out
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// Writes the rows as a JSON array.
+pub fn write_json(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(rows)?;
+    std::fs::write(path, json + "\n")
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}

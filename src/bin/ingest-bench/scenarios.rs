@@ -1,0 +1,302 @@
+//! One scenario from start to finish: its own exchange and queue, its own server,
+//! an unmeasured warm-up, the measured phase, the queue check, the clean-up.
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use ingest::proto::Event;
+
+use crate::{
+    args::{Args, Scenario},
+    broker::{Broker, Topology, unique},
+    direct::Direct,
+    grpc::Grpc,
+    overload,
+    plan::{Plan, Tally},
+    progress::Progress,
+    server::{self, ChildServer},
+};
+
+/// Events per call or message of the `-100` scenarios.
+const BATCH: u64 = 100;
+/// ingest's default `--max-event-bytes` (1 MiB).
+const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+/// ingest's default `--max-batch-events`.
+const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+
+/// What every scenario shares.
+pub struct Env<'a> {
+    pub args: &'a Args,
+    /// The bench's own connection, for topology and queue checks.
+    pub broker: &'a Broker,
+    /// The server binary to start per scenario; `None` with `--addr`.
+    pub ingest_bin: Option<&'a Path>,
+    /// The payload every event carries.
+    pub payload: Bytes,
+}
+
+/// Server-side cost of the measured phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// User + system CPU seconds the server used in the measured phase.
+    pub cpu_seconds: f64,
+    /// Peak resident memory of the server process, bytes.
+    pub peak_rss: u64,
+}
+
+/// The raw result of one scenario.
+#[derive(Debug)]
+pub struct Measured {
+    /// Workload shape, e.g. "64 callers x 1 event".
+    pub setup: String,
+    /// The measured phase (the warm-up is not in it).
+    pub tally: Tally,
+    /// Wall time of the measured phase, until its last call was answered.
+    pub elapsed: Duration,
+    /// `None` when the server is not the bench's child (or for `direct`).
+    pub server: Option<Stats>,
+    /// Events acknowledged in the whole scenario, warm-up included.
+    pub queue_expected: u64,
+    /// Messages found in the scenario's queue.
+    pub queue_actual: u64,
+    /// Anything the numbers alone do not say.
+    pub notes: Vec<String>,
+}
+
+impl Env<'_> {
+    /// A fresh queue, on a fresh exchange unless the server is someone else's
+    /// (`--addr`) and `own` is false.
+    pub fn topology(&self, scenario: &str, own: bool) -> Topology {
+        let owns_exchange = own || self.args.addr.is_none();
+        Topology {
+            exchange: if owns_exchange {
+                unique(&format!("ingest-bench-{scenario}"))
+            } else {
+                self.args.exchange.clone()
+            },
+            queue: unique(&format!("ingest-bench-{scenario}")),
+            owns_exchange,
+        }
+    }
+
+    /// Queue expiry: long enough for any scenario of this run, short enough that
+    /// a crashed run's queue (and its messages) goes away by itself.
+    pub fn queue_expiry(&self) -> Duration {
+        let run = self.args.warmup + self.args.duration + self.args.overload_duration;
+        let floor = if self.args.events.is_some() {
+            Duration::from_secs(6 * 3600)
+        } else {
+            Duration::from_secs(3600)
+        };
+        (run * 2).max(floor)
+    }
+
+    /// The event every publish of a scenario repeats: no id (the server generates
+    /// one, as for most callers), no content type (no JSON check), no attributes.
+    pub fn event(&self, topic: &str) -> Event {
+        Event {
+            topic: topic.to_owned(),
+            payload: self.payload.clone(),
+            ..Event::default()
+        }
+    }
+
+    /// Settings forwarded to every started server. ingest refuses to start with a
+    /// buffer smaller than its largest batch or event, so a small buffer brings
+    /// those limits down with it.
+    fn server_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("INGEST_CHANNELS", self.args.channels.to_string())];
+        if let Some(bytes) = &self.args.buffer_bytes {
+            env.push(("INGEST_BUFFER_BYTES", bytes.clone()));
+            if let Ok(n) = ingest::config::parse_size(bytes)
+                && n < DEFAULT_MAX_EVENT_BYTES
+            {
+                env.push(("INGEST_MAX_EVENT_BYTES", n.to_string()));
+            }
+        }
+        if let Some(events) = &self.args.buffer_events {
+            env.push(("INGEST_BUFFER_EVENTS", events.clone()));
+            if let Ok(n) = events.trim().parse::<usize>()
+                && n < DEFAULT_MAX_BATCH_EVENTS
+            {
+                env.push(("INGEST_MAX_BATCH_EVENTS", n.to_string()));
+            }
+        }
+        env
+    }
+}
+
+/// Runs `scenario` with a progress bar on stderr.
+pub async fn run(env: &Env<'_>, scenario: Scenario) -> anyhow::Result<Measured> {
+    let progress = Progress::start(scenario.name());
+    if scenario == Scenario::Overload {
+        return overload::run(env, &progress).await;
+    }
+    let topology = env.topology(scenario.name(), false);
+    env.broker.declare(&topology, env.queue_expiry()).await?;
+    let measured = steady(env, scenario, &topology, &progress).await;
+    // The queue goes whatever happened: a full one left behind slows the next
+    // scenario down.
+    let removed = env.broker.remove(&topology).await;
+    let measured = measured?;
+    removed?;
+    Ok(measured)
+}
+
+/// The workload of a throughput scenario.
+enum Workload {
+    Direct(Direct),
+    Unary {
+        grpc: Grpc,
+        callers: usize,
+        batch: u64,
+    },
+    Stream {
+        grpc: Grpc,
+        streams: usize,
+        batch: u64,
+    },
+}
+
+impl Workload {
+    async fn run(&self, plan: Plan, progress: Arc<AtomicU64>) -> anyhow::Result<Tally> {
+        let plan = Arc::new(plan);
+        match self {
+            Workload::Direct(direct) => direct.run(plan, progress).await,
+            Workload::Unary {
+                grpc,
+                callers,
+                batch,
+            } => grpc.unary(*callers, *batch, plan, progress).await,
+            Workload::Stream {
+                grpc,
+                streams,
+                batch,
+            } => grpc.streams(*streams, *batch, plan, progress).await,
+        }
+    }
+
+    fn setup(&self, connections: usize) -> String {
+        match self {
+            Workload::Direct(d) => format!("{} channels x {} in flight", d.channels, d.inflight),
+            Workload::Unary { callers, batch, .. } => {
+                format!("{callers} callers x {batch} on {connections} conn")
+            }
+            Workload::Stream { streams, batch, .. } => {
+                format!("{streams} streams x {batch}/msg on {connections} conn")
+            }
+        }
+    }
+}
+
+/// A throughput scenario: warm-up, measured phase, queue check.
+async fn steady(
+    env: &Env<'_>,
+    scenario: Scenario,
+    topology: &Topology,
+    progress: &Progress,
+) -> anyhow::Result<Measured> {
+    let args = env.args;
+    let topic = format!("bench.{}", scenario.name());
+    let mut child = None;
+    let workload = if scenario == Scenario::Direct {
+        Workload::Direct(Direct {
+            amqp_url: args.amqp_url.clone(),
+            exchange: topology.exchange.clone(),
+            routing_key: topic,
+            channels: args.channels,
+            inflight: args.inflight,
+            payload: env.payload.clone(),
+        })
+    } else {
+        progress.status("starting server");
+        let addr = match (env.ingest_bin, &args.addr) {
+            (Some(bin), _) => {
+                let started =
+                    ChildServer::start(bin, &args.amqp_url, &topology.exchange, &env.server_env())
+                        .await?;
+                child.insert(started).addr.clone()
+            }
+            (None, Some(addr)) => {
+                server::wait_remote(addr).await?;
+                addr.clone()
+            }
+            (None, None) => anyhow::bail!("no server: neither an ingest binary nor --addr"),
+        };
+        let grpc = Grpc {
+            clients: server::clients(&addr, args.connections).await?,
+            event: env.event(&topic),
+        };
+        match scenario {
+            Scenario::Unary1 => Workload::Unary {
+                grpc,
+                callers: args.concurrency,
+                batch: 1,
+            },
+            Scenario::Unary100 => Workload::Unary {
+                grpc,
+                callers: args.batch_concurrency,
+                batch: BATCH,
+            },
+            Scenario::Stream1 => Workload::Stream {
+                grpc,
+                streams: args.streams,
+                batch: 1,
+            },
+            Scenario::Stream100 => Workload::Stream {
+                grpc,
+                streams: args.streams,
+                batch: BATCH,
+            },
+            Scenario::Direct | Scenario::Overload => unreachable!("handled above"),
+        }
+    };
+
+    let mut expected = 0;
+    if !args.warmup.is_zero() {
+        progress.phase("warm-up", None, args.warmup);
+        let warmup = workload
+            .run(Plan::timed(args.warmup), progress.counter())
+            .await
+            .context("warm-up")?;
+        expected += warmup.acked;
+    }
+
+    let plan = match args.events {
+        Some(events) => Plan::counted(events),
+        None => Plan::timed(args.duration),
+    };
+    progress.phase("measuring", plan.limit(), args.duration);
+    let cpu_before = child.as_ref().map(ChildServer::cpu_seconds).transpose()?;
+    let started = Instant::now();
+    let tally = workload.run(plan, progress.counter()).await?;
+    let elapsed = started.elapsed();
+    let server = match (&child, cpu_before) {
+        (Some(child), Some(before)) => Some(Stats {
+            cpu_seconds: child.cpu_seconds()? - before,
+            peak_rss: child.peak_rss()?,
+        }),
+        _ => None,
+    };
+    expected += tally.acked;
+
+    progress.status("checking queue");
+    let actual = env.broker.settle(&topology.queue, expected).await?;
+    if let Some(child) = child {
+        child.stop().await?;
+    }
+    Ok(Measured {
+        setup: workload.setup(args.connections),
+        tally,
+        elapsed,
+        server,
+        queue_expected: expected,
+        queue_actual: actual,
+        notes: Vec::new(),
+    })
+}
