@@ -105,6 +105,25 @@ impl Admission {
         }
     }
 
+    /// A cheap look, without taking anything: `Exhausted` if a request of this size
+    /// would fit the buffer but not the room free right now. Lets an overloaded service
+    /// refuse before doing per-event work; racy by nature, so [`Admission::try_admit`]
+    /// stays the real check.
+    pub fn check_room(&self, events: usize, bytes: usize) -> Result<(), AdmitError> {
+        let free_events = self.events.available_permits();
+        let free_bytes = self.bytes.available_permits();
+        let fits_ever = events <= self.capacity.events && bytes <= self.capacity.bytes;
+        if fits_ever && (events > free_events || bytes > free_bytes) {
+            return Err(AdmitError::Exhausted {
+                events,
+                bytes,
+                free_events,
+                free_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Admits `events` events holding `bytes` bytes at once, or refuses at once.
     pub fn try_admit(&self, events: usize, bytes: usize) -> Result<Permit, AdmitError> {
         let (n_events, n_bytes) = check_fits(events, bytes, self.capacity)?;
@@ -321,6 +340,29 @@ mod tests {
                 bytes: 900
             }
         );
+    }
+
+    #[test]
+    fn check_room_refuses_only_what_fits_but_not_now() {
+        let a = Admission::new(10, 1000);
+        assert_eq!(a.check_room(10, 1000), Ok(()));
+        let held = a.try_admit(8, 100).unwrap();
+        assert!(matches!(
+            a.check_room(3, 10),
+            Err(AdmitError::Exhausted { free_events: 2, .. })
+        ));
+        assert_eq!(a.check_room(2, 900), Ok(()));
+        // Never fits: left to the full check, which names the limit.
+        assert_eq!(a.check_room(11, 1), Ok(()));
+        assert_eq!(
+            a.in_use(),
+            Usage {
+                events: 8,
+                bytes: 100
+            },
+            "a look takes nothing"
+        );
+        drop(held);
     }
 
     #[test]

@@ -90,15 +90,21 @@ impl Ingest for IngestService {
         if self.draining.is_cancelled() {
             return Err(status::shutting_down());
         }
-        let batch = validate::validate_batch(request.into_inner().events, &self.settings.limits)
-            .map_err(status::invalid)?;
-        // Fail fast while the broker is away, before taking room in the buffer.
+        // Fail fast while the broker is away, before any other work.
         if !self.publisher.state().connected {
             return Err(status::publish_failed(
                 &crate::publisher::PublishError::Disconnected,
                 None,
             ));
         }
+        let events = request.into_inner().events;
+        // Overloaded: refuse before any per-event work (validation, ids, copies), so
+        // refusals stay cheap and fast when they are most of the traffic.
+        self.admission
+            .check_room(events.len(), validate::estimated_size(&events))
+            .map_err(|e| status::not_admitted(e, self.settings.retry_after))?;
+        let batch =
+            validate::validate_batch(events, &self.settings.limits).map_err(status::invalid)?;
         let permit = self
             .admission
             .try_admit(batch.len(), batch.bytes())

@@ -76,17 +76,28 @@ async fn stalled(
     let deadline = started + args.overload_duration;
     let event = env.event("bench.overload");
     let counter = progress.counter();
-    let callers: Vec<_> = (0..args.overload_callers)
-        .map(|i| {
-            tokio::spawn(hammer(
-                clients[i % clients.len()].clone(),
-                event.clone(),
-                args.overload_batch as u64,
-                deadline,
-                Arc::clone(&counter),
-            ))
-        })
-        .collect();
+    let callers: Vec<_> = if args.overload_rate > 0 {
+        vec![tokio::spawn(open_loop(
+            clients.clone(),
+            event.clone(),
+            args.overload_batch as u64,
+            args.overload_rate,
+            deadline,
+            Arc::clone(&counter),
+        ))]
+    } else {
+        (0..args.overload_callers)
+            .map(|i| {
+                tokio::spawn(hammer(
+                    clients[i % clients.len()].clone(),
+                    event.clone(),
+                    args.overload_batch as u64,
+                    deadline,
+                    Arc::clone(&counter),
+                ))
+            })
+            .collect()
+    };
     tokio::time::sleep_until(deadline.into()).await;
     proxy.set_mode(Mode::Forward);
     progress.status("admitted calls finishing");
@@ -115,11 +126,15 @@ async fn stalled(
 
     let hammer_secs = args.overload_duration.as_secs_f64();
     let calls = tally.refused + tally.errors + tally.acked / args.overload_batch as u64;
+    let load = if args.overload_rate > 0 {
+        format!("open loop, {} calls/s", args.overload_rate)
+    } else {
+        format!("{} callers", args.overload_callers)
+    };
     let notes = vec![
         format!(
-            "{} callers x {} events on {} connections; server buffer {} events / {}; broker \
+            "{load} x {} events on {} connections; server buffer {} events / {}; broker \
              stalled {:?}",
-            args.overload_callers,
             args.overload_batch,
             args.overload_connections,
             args.overload_buffer_events,
@@ -138,10 +153,7 @@ async fn stalled(
         ),
     ];
     Ok(Measured {
-        setup: format!(
-            "{} callers x {}, stalled broker",
-            args.overload_callers, args.overload_batch
-        ),
+        setup: format!("{load} x {}, stalled broker", args.overload_batch),
         tally,
         elapsed,
         server: Some(server),
@@ -182,6 +194,69 @@ fn with_heartbeat(url: &str, stall: Duration) -> String {
     let secs = stall.as_secs() * 2 + 30;
     let separator = if url.contains('?') { '&' } else { '?' };
     format!("{url}{separator}heartbeat={secs}")
+}
+
+/// Most calls of the open loop outstanding at once: admitted calls wait for the stalled
+/// broker, and a generator that cannot keep up must not grow without bound.
+const MAX_OUTSTANDING: usize = 4096;
+
+/// Open loop: a call every `1/rate` seconds until `deadline`, whatever the answers.
+/// Latency runs from each call's scheduled time (no coordinated omission). Every call
+/// is spawned only after taking one of `MAX_OUTSTANDING` permits.
+async fn open_loop(
+    clients: Vec<IngestClient<Channel>>,
+    event: Event,
+    batch: u64,
+    rate: u64,
+    deadline: Instant,
+    progress: Arc<AtomicU64>,
+) -> Tally {
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(MAX_OUTSTANDING));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Result<(), tonic::Status>)>(1024);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let req = request(&event, batch);
+    let mut tally = Tally::default();
+    let record = |tally: &mut Tally, scheduled: Instant, outcome: Result<(), tonic::Status>| {
+        progress.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => tally.acked += batch,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                tally.refused += 1;
+                tally.record(scheduled.elapsed());
+            }
+            Err(status) => tally.error(|| format!("{:?}: {}", status.code(), status.message())),
+        }
+    };
+    let mut sent = 0usize;
+    loop {
+        tokio::select! {
+            scheduled = ticker.tick() => {
+                let scheduled = scheduled.into_std();
+                if scheduled >= deadline {
+                    break;
+                }
+                let Ok(permit) = Arc::clone(&outstanding).try_acquire_owned() else {
+                    tally.error(|| format!("generator: {MAX_OUTSTANDING} calls outstanding"));
+                    continue;
+                };
+                let mut client = clients[sent % clients.len()].clone();
+                sent += 1;
+                let (tx, req) = (tx.clone(), req.clone());
+                tokio::spawn(async move {
+                    let outcome = client.publish(req).await.map(drop);
+                    let _ = tx.send((scheduled, outcome)).await;
+                    drop(permit);
+                });
+            }
+            Some((scheduled, outcome)) = rx.recv() => record(&mut tally, scheduled, outcome),
+        }
+    }
+    drop(tx);
+    while let Some((scheduled, outcome)) = rx.recv().await {
+        record(&mut tally, scheduled, outcome);
+    }
+    tally
 }
 
 /// One caller: unary calls back to back until `deadline`. Refusals are timed; an
