@@ -61,6 +61,8 @@ pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "1048576";
 pub const DEFAULT_HTTP2_CONNECTION_WINDOW: &str = "4194304";
 /// Default for `--max-concurrent-streams` / `INGEST_MAX_CONCURRENT_STREAMS`.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: &str = "128";
+/// Default for `--log-format` / `INGEST_LOG_FORMAT`.
+pub const DEFAULT_LOG_FORMAT: &str = "text";
 
 /// Upper bound of `--channels`. Each channel holds its own window of
 /// unconfirmed publishes; beyond a few hundred the broker spends more on
@@ -252,6 +254,17 @@ pub struct Args {
         default_value = DEFAULT_MAX_CONCURRENT_STREAMS
     )]
     pub max_concurrent_streams: String,
+
+    /// Format of the log lines on stderr: `text` (human-readable, for people
+    /// at a terminal) or `json` (one JSON object per line, with trace and
+    /// span ids, for log pipelines).
+    #[arg(
+        long,
+        env = "INGEST_LOG_FORMAT",
+        default_value = DEFAULT_LOG_FORMAT,
+        value_name = "text|json"
+    )]
+    pub log_format: String,
 }
 
 /// The defaults, without reading the command line or the environment.
@@ -278,6 +291,7 @@ impl Default for Args {
             http2_stream_window: DEFAULT_HTTP2_STREAM_WINDOW.to_owned(),
             http2_connection_window: DEFAULT_HTTP2_CONNECTION_WINDOW.to_owned(),
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS.to_owned(),
+            log_format: DEFAULT_LOG_FORMAT.to_owned(),
         }
     }
 }
@@ -332,6 +346,17 @@ pub struct Config {
     /// Concurrent streams per HTTP/2 connection
     /// (1..=[`MAX_CONCURRENT_STREAMS_LIMIT`]).
     pub max_concurrent_streams: u32,
+    /// Format of the log lines on stderr.
+    pub log_format: LogFormat,
+}
+
+/// Format of the log lines written to stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, for people at a terminal.
+    Text,
+    /// One JSON object per line, with trace and span ids, for log pipelines.
+    Json,
 }
 
 impl Config {
@@ -434,6 +459,7 @@ settings! {
     HTTP2_STREAM_WINDOW = "--http2-stream-window", "INGEST_HTTP2_STREAM_WINDOW";
     HTTP2_CONNECTION_WINDOW = "--http2-connection-window", "INGEST_HTTP2_CONNECTION_WINDOW";
     MAX_CONCURRENT_STREAMS = "--max-concurrent-streams", "INGEST_MAX_CONCURRENT_STREAMS";
+    LOG_FORMAT = "--log-format", "INGEST_LOG_FORMAT";
 }
 
 /// Collects problems while every field is parsed.
@@ -555,6 +581,7 @@ impl TryFrom<Args> for Config {
                         )
                     })
             });
+        let log_format = p.parse(LOG_FORMAT, &args.log_format, parse_log_format);
 
         // Cross-field checks, only where both sides parsed.
         if let (Some(event), Some(buffer)) = (max_event_bytes, buffer_bytes)
@@ -616,6 +643,7 @@ impl TryFrom<Args> for Config {
             Some(http2_stream_window),
             Some(http2_connection_window),
             Some(max_concurrent_streams),
+            Some(log_format),
         ) = (
             listen,
             admin_listen,
@@ -637,6 +665,7 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            log_format,
         )
         else {
             // Every `None` above came with a recorded problem.
@@ -668,6 +697,7 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            log_format,
         })
     }
 }
@@ -776,6 +806,19 @@ fn parse_bool(raw: &str) -> Result<bool, String> {
         Ok(false)
     } else {
         Err(format!("{raw:?} is not a boolean (expected true or false)"))
+    }
+}
+
+fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
+    let s = raw.trim();
+    if s.eq_ignore_ascii_case("text") {
+        Ok(LogFormat::Text)
+    } else if s.eq_ignore_ascii_case("json") {
+        Ok(LogFormat::Json)
+    } else {
+        Err(format!(
+            "{raw:?} is not a log format (expected text or json)"
+        ))
     }
 }
 
@@ -905,6 +948,7 @@ mod tests {
         assert_eq!(c.http2_stream_window, 1024 * 1024);
         assert_eq!(c.http2_connection_window, 4 * 1024 * 1024);
         assert_eq!(c.max_concurrent_streams, 128);
+        assert_eq!(c.log_format, LogFormat::Text);
     }
 
     #[test]
@@ -1068,6 +1112,7 @@ mod tests {
             http2_stream_window: "x".into(),
             http2_connection_window: "x".into(),
             max_concurrent_streams: "x".into(),
+            log_format: "x".into(),
         });
         assert_eq!(errs.len(), ALL_SETTINGS.len(), "{errs:#?}");
         for (s, e) in ALL_SETTINGS.iter().zip(&errs) {
@@ -1400,6 +1445,8 @@ mod tests {
             "--http2-connection-window=2MiB",
             "--max-concurrent-streams",
             "32",
+            "--log-format",
+            "json",
         ])
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap());
@@ -1422,6 +1469,7 @@ mod tests {
         assert_eq!(c.http2_stream_window, 256 << 10);
         assert_eq!(c.http2_connection_window, 2 << 20);
         assert_eq!(c.max_concurrent_streams, 32);
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -1464,6 +1512,41 @@ mod tests {
                 parse_bool(bad)
                     .unwrap_err()
                     .contains("expected true or false")
+            );
+        }
+    }
+
+    #[test]
+    fn log_formats() {
+        for (raw, want) in [
+            ("text", LogFormat::Text),
+            ("json", LogFormat::Json),
+            ("TEXT", LogFormat::Text),
+            (" Json ", LogFormat::Json),
+        ] {
+            assert_eq!(parse_log_format(raw), Ok(want));
+            let c = config(Args {
+                log_format: raw.into(),
+                ..Args::default()
+            })
+            .unwrap();
+            assert_eq!(c.log_format, want);
+        }
+        let errs = problems(Args {
+            log_format: "xml".into(),
+            ..Args::default()
+        });
+        assert_eq!(
+            errs,
+            [
+                "--log-format / INGEST_LOG_FORMAT: \"xml\" is not a log format (expected text or json)"
+            ]
+        );
+        for bad in ["", "logfmt", "jsonl"] {
+            assert!(
+                parse_log_format(bad)
+                    .unwrap_err()
+                    .contains("expected text or json")
             );
         }
     }

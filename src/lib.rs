@@ -2,10 +2,12 @@
 //! after the broker confirmed them.
 //!
 //! Data flow, one module per stage: [`api`] → [`validate`] → [`admission`] →
-//! [`publisher`]; beside them [`config`], [`telemetry`], [`health`] and [`shutdown`].
+//! [`publisher`]; beside them [`config`], [`telemetry`], [`health`], [`admin`] and
+//! [`shutdown`].
 //! `main` parses the configuration and calls [`run`]; tests call the same [`App`] on a
 //! listener bound to an ephemeral port.
 
+pub mod admin;
 pub mod admission;
 pub mod api;
 pub mod config;
@@ -36,6 +38,7 @@ use crate::{
     config::Config,
     proto::ingest_server::IngestServer,
     publisher::{BrokerState, Publisher, PublisherSettings},
+    telemetry::Metrics,
     validate::Limits,
 };
 
@@ -65,6 +68,8 @@ pub struct App {
     supervisor: JoinHandle<()>,
     /// Cancelled when shutdown begins.
     draining: CancellationToken,
+    /// Counts, gauges and histograms, served on the admin listener.
+    metrics: Metrics,
 }
 
 impl App {
@@ -72,15 +77,26 @@ impl App {
     /// called inside a tokio runtime.
     pub fn new(config: Config) -> Result<Self, RunError> {
         let admission = Arc::new(Admission::new(config.buffer_events, config.buffer_bytes));
-        let (publisher, supervisor) = Publisher::start(PublisherSettings {
-            amqp_url: config.amqp_url.clone(),
-            exchange: config.exchange.clone(),
-            declare_exchange: config.declare_exchange,
-            accept_unroutable: config.accept_unroutable,
-            channels: config.channels,
-            confirm_timeout: config.confirm_timeout,
-            reconnect_max_backoff: config.reconnect_max_backoff,
-        })
+        let (state, state_rx) = watch::channel(BrokerState::default());
+        let metrics = Metrics::new(
+            Arc::clone(&admission),
+            state_rx,
+            telemetry::otlp_metrics_configured(),
+        )
+        .map_err(RunError::Start)?;
+        let (publisher, supervisor) = Publisher::start(
+            PublisherSettings {
+                amqp_url: config.amqp_url.clone(),
+                exchange: config.exchange.clone(),
+                declare_exchange: config.declare_exchange,
+                accept_unroutable: config.accept_unroutable,
+                channels: config.channels,
+                confirm_timeout: config.confirm_timeout,
+                reconnect_max_backoff: config.reconnect_max_backoff,
+            },
+            state,
+            metrics.clone(),
+        )
         .map_err(|e| RunError::Start(e.to_string()))?;
         Ok(Self {
             config,
@@ -88,6 +104,7 @@ impl App {
             publisher,
             supervisor,
             draining: CancellationToken::new(),
+            metrics,
         })
     }
 
@@ -101,12 +118,14 @@ impl App {
         self.publisher.watch_state()
     }
 
-    /// Serves gRPC on `listener` until `shutdown` resolves, then drains: health
-    /// `NOT_SERVING` at once, new calls refused, in-flight calls and confirms given
-    /// until the drain timeout, the AMQP connection closed.
+    /// Serves gRPC on `listener` and the admin endpoints on `admin` until `shutdown`
+    /// resolves, then drains: health `NOT_SERVING` and `/readyz` 503 at once, new calls
+    /// refused, in-flight calls and confirms given until the drain timeout, the AMQP
+    /// connection closed. The admin listener stays up until the end.
     pub async fn serve(
         self,
         listener: TcpListener,
+        admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RunError> {
         let Self {
@@ -115,7 +134,16 @@ impl App {
             publisher,
             supervisor,
             draining,
+            metrics,
         } = self;
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            metrics.clone(),
+            publisher.watch_state(),
+            draining.clone(),
+            admin_stop.clone().cancelled_owned(),
+        ));
         let limits = Limits {
             max_event_bytes: config.max_event_bytes,
             max_batch_events: config.max_batch_events,
@@ -150,6 +178,7 @@ impl App {
                 stream_idle_timeout: config.stream_idle_timeout,
                 stream_stall_timeout: config.stream_stall_timeout,
             },
+            metrics.clone(),
             draining.clone(),
         ))
         .max_decoding_message_size(max_message);
@@ -182,6 +211,8 @@ impl App {
                 // The server ended on its own: an accept error. Clean up and report it.
                 publisher.close();
                 let _ = supervisor.await;
+                admin_stop.cancel();
+                let _ = admin_task.await;
                 return match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(RunError::Serve(e)),
@@ -204,6 +235,9 @@ impl App {
         let left = shutdown::drained(&admission, deadline).await;
         publisher.close();
         let _ = supervisor.await;
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        metrics.shutdown();
         if left.events > 0 {
             tracing::error!(
                 events = left.events,
@@ -217,11 +251,18 @@ impl App {
     }
 }
 
-/// Runs the service until `shutdown` resolves and the drain ends.
+/// Binds the gRPC and admin listeners from `config` and runs the service until
+/// `shutdown` resolves and the drain ends.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    App::new(config)?.serve(listener, shutdown).await
+    let bind = |addr, what| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Start(format!("cannot bind the {what} listener on {addr}: {e}")))
+    };
+    let listener = bind(config.listen, "gRPC").await?;
+    let admin = bind(config.admin_listen, "admin").await?;
+    App::new(config)?.serve(listener, admin, shutdown).await
 }

@@ -16,19 +16,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    ingest::telemetry::init();
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(listen = %config.listen, %error, "cannot bind the gRPC listener");
-            return ExitCode::FAILURE;
-        }
-    };
-    match ingest::run(config, listener, ingest::shutdown::signal()).await {
+    let telemetry = ingest::telemetry::init(config.log_format);
+    let result = ingest::run(config, ingest::shutdown::signal()).await;
+    if let Err(error) = &result {
+        tracing::error!(%error, "ingest stopped");
+    }
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "ingest stopped");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC surface: `ingest.v1.Ingest`. Turns requests into validated batches,
 //! admits them, hands them to the publisher and maps every outcome to a status.
 
+mod call;
 mod status;
 mod stream;
 
@@ -9,12 +10,16 @@ pub use stream::CONFIRMED_COUNT;
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use self::call::Call;
 
 use crate::{
-    admission::Admission,
-    proto::{PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
-    publisher::Publisher,
+    admission::{Admission, AdmitError},
+    proto::{Event, PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
+    publisher::{self, PublishError, Publisher},
+    telemetry::{Metrics, Reason, metrics::Rpc, trace},
     validate::{self, Limits},
 };
 
@@ -60,6 +65,8 @@ pub struct IngestService {
     publisher: Publisher,
     /// Limits and timeouts.
     settings: ServiceSettings,
+    /// Counts and durations.
+    metrics: Metrics,
     /// Cancelled when shutdown begins: new calls are refused, open streams end.
     draining: CancellationToken,
 }
@@ -70,12 +77,14 @@ impl IngestService {
         admission: Arc<Admission>,
         publisher: Publisher,
         settings: ServiceSettings,
+        metrics: Metrics,
         draining: CancellationToken,
     ) -> Self {
         Self {
             admission,
             publisher,
             settings,
+            metrics,
             draining,
         }
     }
@@ -87,65 +96,138 @@ impl Ingest for IngestService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        if self.draining.is_cancelled() {
-            return Err(status::shutting_down());
-        }
-        // Fail fast while the broker is away, before any other work.
-        if !self.publisher.state().connected {
-            return Err(status::publish_failed(
-                &crate::publisher::PublishError::Disconnected,
-                None,
-            ));
-        }
-        let events = request.into_inner().events;
-        // Overloaded: refuse before any per-event work (validation, ids, copies), so
-        // refusals stay cheap and fast when they are most of the traffic.
-        self.admission
-            .check_room(events.len(), validate::estimated_size(&events))
-            .map_err(|e| status::not_admitted(e, self.settings.retry_after))?;
-        let batch =
-            validate::validate_batch(events, &self.settings.limits).map_err(status::invalid)?;
-        let permit = self
-            .admission
-            .try_admit(batch.len(), batch.bytes())
-            .map_err(|e| status::not_admitted(e, self.settings.retry_after))?;
-        let ids = batch.ids();
-        let events = batch.len();
-        // From here the batch task owns the permit: if this call is cancelled (the
-        // caller's deadline or disconnect), the events are still settled with the
-        // broker and the permit is released then.
-        let outcome = self
-            .publisher
-            .publish(batch.into_events(), permit, None)
-            .map_err(|e| status::publish_failed(&e, None))?
+        let incoming = trace::Incoming::from_metadata(request.metadata());
+        let span = trace::rpc_span("ingest.v1.Ingest/Publish", &incoming);
+        let mut call = Call::start(&self.metrics, Rpc::Publish, request.metadata());
+        let result = self
+            .publish_batch(request.into_inner().events, &incoming, &mut call)
+            .instrument(span.clone())
             .await;
-        match outcome.failure {
-            None => Ok(Response::new(PublishResponse { ids })),
-            Some(failure) => Err(status::batch_failed(&failure, events)),
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        span.record("rpc.grpc.status_code", code as i32);
+        if let Err(status) = &result {
+            // DEBUG: under overload this is a line per refused call.
+            tracing::debug!(parent: &span, code = ?status.code(), message = status.message(), "Publish failed");
         }
+        call.finish(code);
+        result.map(|ids| Response::new(PublishResponse { ids }))
     }
 
     async fn publish_stream(
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishStreamResponse>, Status> {
-        if self.draining.is_cancelled() {
-            return Err(status::shutting_down());
-        }
-        let ctx = stream::StreamContext {
-            admission: &self.admission,
-            publisher: &self.publisher,
-            limits: &self.settings.limits,
-            idle_timeout: self.settings.stream_idle_timeout,
-            stall_timeout: self.settings.stream_stall_timeout,
-            draining: &self.draining,
+        let incoming = trace::Incoming::from_metadata(request.metadata());
+        let span = trace::rpc_span("ingest.v1.Ingest/PublishStream", &incoming);
+        let call = Call::start(&self.metrics, Rpc::PublishStream, request.metadata());
+        let _open = self.metrics.stream_opened();
+        let result = if self.draining.is_cancelled() {
+            Err(status::shutting_down())
+        } else {
+            let ctx = stream::StreamContext {
+                admission: &self.admission,
+                publisher: &self.publisher,
+                metrics: &self.metrics,
+                limits: &self.settings.limits,
+                idle_timeout: self.settings.stream_idle_timeout,
+                stall_timeout: self.settings.stream_stall_timeout,
+                draining: &self.draining,
+                incoming: &incoming,
+            };
+            stream::run(ctx, request.into_inner())
+                .instrument(span.clone())
+                .await
         };
-        let events = stream::run(ctx, request.into_inner()).await?;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        span.record("rpc.grpc.status_code", code as i32);
+        match &result {
+            Ok(events) => tracing::debug!(parent: &span, events, "stream ended"),
+            Err(status) => {
+                let confirmed = status
+                    .metadata()
+                    .get(CONFIRMED_COUNT)
+                    .and_then(|v| v.to_str().ok());
+                tracing::info!(parent: &span, code = ?status.code(), confirmed, message = status.message(), "stream ended with an error");
+            }
+        }
+        call.finish(code);
+        let events = result?;
         let mut response = Response::new(PublishStreamResponse { events });
         response.metadata_mut().insert(
             CONFIRMED_COUNT,
             tonic::metadata::MetadataValue::from(events),
         );
         Ok(response)
+    }
+}
+
+impl IngestService {
+    /// The unary path: every check, cheapest first, then publish and wait.
+    async fn publish_batch(
+        &self,
+        events: Vec<Event>,
+        incoming: &trace::Incoming,
+        call: &mut Call<'_>,
+    ) -> Result<Vec<String>, Status> {
+        let n = events.len();
+        self.metrics.received(Rpc::Publish, n);
+        let reject = |reason, status| {
+            self.metrics.rejected(reason, n);
+            status
+        };
+        if self.draining.is_cancelled() {
+            return Err(reject(Reason::Unavailable, status::shutting_down()));
+        }
+        // Fail fast while the broker is away, before any other work.
+        if !self.publisher.state().connected {
+            let status = status::publish_failed(&PublishError::Disconnected, None);
+            return Err(reject(Reason::Unavailable, status));
+        }
+        // Overloaded: refuse before any per-event work (validation, ids, copies), so
+        // refusals stay cheap and fast when they are most of the traffic.
+        self.admission
+            .check_room(n, validate::estimated_size(&events))
+            .map_err(|e| {
+                reject(
+                    admit_reason(&e),
+                    status::not_admitted(e, self.settings.retry_after),
+                )
+            })?;
+        let batch = validate::validate_batch(events, &self.settings.limits)
+            .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
+        let permit = self
+            .admission
+            .try_admit(batch.len(), batch.bytes())
+            .map_err(|e| {
+                reject(
+                    admit_reason(&e),
+                    status::not_admitted(e, self.settings.retry_after),
+                )
+            })?;
+        let ids = batch.ids();
+        // From here the batch task owns the permit: if this call is cancelled (the
+        // caller's deadline or disconnect), the events are still settled with the
+        // broker and the permit is released then.
+        let pending = self
+            .publisher
+            .publish(batch.into_events(), permit, None, incoming)
+            .map_err(|e| reject(publisher::reason(&e), status::publish_failed(&e, None)))?;
+        call.waiting_on(n);
+        let outcome = pending.await;
+        call.waiting_on(0);
+        match outcome.failure {
+            None => Ok(ids),
+            // The publisher counted each failed event where it was settled.
+            Some(failure) => Err(status::batch_failed(&failure, n)),
+        }
+    }
+}
+
+/// The `reason` label of an admission refusal.
+fn admit_reason(error: &AdmitError) -> Reason {
+    match error {
+        AdmitError::Exhausted { .. } => Reason::Exhausted,
+        AdmitError::TooLarge { .. } => Reason::Invalid,
+        AdmitError::Closed => Reason::Unavailable,
     }
 }

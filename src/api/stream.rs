@@ -20,7 +20,8 @@ use super::status;
 use crate::{
     admission::{Admission, Permit},
     proto::PublishRequest,
-    publisher::{BatchOutcome, Pending, PublishError, Publisher},
+    publisher::{self, BatchOutcome, Pending, PublishError, Publisher},
+    telemetry::{Metrics, Reason, metrics::Rpc, trace},
     validate::{self, Limits, ValidEvent},
 };
 
@@ -31,10 +32,12 @@ pub const CONFIRMED_COUNT: &str = "ingest-confirmed-count";
 pub(super) struct StreamContext<'a> {
     pub(super) admission: &'a Admission,
     pub(super) publisher: &'a Publisher,
+    pub(super) metrics: &'a Metrics,
     pub(super) limits: &'a Limits,
     pub(super) idle_timeout: Duration,
     pub(super) stall_timeout: Duration,
     pub(super) draining: &'a CancellationToken,
+    pub(super) incoming: &'a trace::Incoming,
 }
 
 /// Runs one stream to its end; `Ok` carries the number of events confirmed, `Err` a
@@ -94,8 +97,11 @@ async fn read_all(
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(request))) => request,
         };
+        let received = request.events.len();
+        ctx.metrics.received(Rpc::PublishStream, received);
         // An empty message is allowed: a caller may use it to keep an idle stream open.
-        if request.events.len() > ctx.limits.max_batch_events {
+        if received > ctx.limits.max_batch_events {
+            ctx.metrics.rejected(Reason::Invalid, received);
             return Err(status::invalid(vec![validate::FieldViolation {
                 field: "events".to_owned(),
                 description: format!(
@@ -106,6 +112,9 @@ async fn read_all(
             }]));
         }
         let (valid, violations) = valid_prefix(request, next_index, ctx.limits);
+        // The events after the first invalid one are dropped with it.
+        ctx.metrics
+            .rejected(Reason::Invalid, received - valid.len());
         if !valid.is_empty() {
             // A broker that is away stalls the stream (it holds its room and reads no
             // further) until it is back, or the stall timeout ends the stream.
@@ -113,6 +122,7 @@ async fn read_all(
                 let mut state = ctx.publisher.watch_state();
                 let back = tokio::time::timeout(ctx.stall_timeout, state.wait_for(|s| s.connected));
                 if !matches!(progress.settling(ctx.draining, back).await?, Ok(Ok(_))) {
+                    ctx.metrics.rejected(Reason::Unavailable, valid.len());
                     return Err(status::publish_failed(
                         &PublishError::Disconnected,
                         Some(format!(
@@ -122,14 +132,20 @@ async fn read_all(
                     ));
                 }
             }
+            let n = valid.len();
             let permit = progress
                 .settling(ctx.draining, admit_rest(ctx.admission, token, &valid))
-                .await??;
-            let events = valid.len() as u64;
+                .await?
+                .inspect_err(|_| ctx.metrics.rejected(Reason::Invalid, n))?;
             let pending = ctx
                 .publisher
-                .publish(valid, permit, Some(lane))
-                .map_err(|e| status::publish_failed(&e, None))?;
+                .publish(valid, permit, Some(lane), ctx.incoming)
+                .map_err(|e| {
+                    ctx.metrics.rejected(publisher::reason(&e), n);
+                    status::publish_failed(&e, None)
+                })?;
+            let events = n as u64;
+
             progress.in_flight.push_back(pending);
             next_index += events;
         }

@@ -22,11 +22,12 @@ pub(super) async fn publish_one(
     channel: &Channel,
     exchange: &ShortString,
     event: &ValidEvent,
+    trace: &[(&'static str, String)],
     deadline: Instant,
     accept_unroutable: bool,
 ) -> Result<(), PublishError> {
     let routing_key = short(event.topic())?;
-    let properties = properties(event)?;
+    let properties = properties(event, trace)?;
     let options = BasicPublishOptions {
         mandatory: true,
         immediate: false,
@@ -60,8 +61,11 @@ pub(super) async fn publish_one(
 }
 
 /// Maps an event onto AMQP properties: persistent, `message_id` = id, content type,
-/// timestamp, attributes as string headers.
-fn properties(event: &ValidEvent) -> Result<BasicProperties, PublishError> {
+/// timestamp, attributes and the W3C trace context (`trace`) as string headers.
+fn properties(
+    event: &ValidEvent,
+    trace: &[(&'static str, String)],
+) -> Result<BasicProperties, PublishError> {
     let mut props = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
         .with_message_id(short(event.id())?);
@@ -71,9 +75,15 @@ fn properties(event: &ValidEvent) -> Result<BasicProperties, PublishError> {
     if let Some(timestamp) = event.timestamp() {
         props = props.with_timestamp(timestamp);
     }
-    if !event.attributes().is_empty() {
+    if !event.attributes().is_empty() || !trace.is_empty() {
         let mut headers = FieldTable::default();
-        for (key, value) in event.attributes() {
+        // Validation refuses attribute names `traceparent`/`tracestate`: no clash.
+        let trace = trace.iter().map(|(k, v)| (*k, v.as_str()));
+        let attributes = event
+            .attributes()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        for (key, value) in attributes.chain(trace) {
             headers.insert(
                 short(key)?,
                 AMQPValue::LongString(LongString::from(value.as_bytes())),

@@ -28,7 +28,13 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{admission::Permit, validate::ValidEvent};
+use tracing::Instrument;
+
+use crate::{
+    admission::Permit,
+    telemetry::{Metrics, Reason, trace},
+    validate::ValidEvent,
+};
 
 /// What the publisher needs from configuration.
 #[derive(Clone, Debug)]
@@ -153,6 +159,9 @@ struct Shared {
     next: AtomicUsize,
     /// Tells the supervisor to close the connection and stop.
     stop: CancellationToken,
+    /// Confirm latency and outcomes, counted where they are settled (so also for
+    /// callers that went away).
+    metrics: Metrics,
 }
 
 #[derive(Debug)]
@@ -175,10 +184,15 @@ fn header_frame_size(event: &ValidEvent) -> usize {
 impl Publisher {
     /// Starts the connection supervisor in the background and returns at once: a
     /// broker that is down at start must not stop the service from serving.
-    pub fn start(settings: PublisherSettings) -> Result<(Self, JoinHandle<()>), PublishError> {
+    /// `state` is where the broker state is published (health, readiness and metrics
+    /// hold its receivers).
+    pub fn start(
+        settings: PublisherSettings,
+        state: watch::Sender<BrokerState>,
+        metrics: Metrics,
+    ) -> Result<(Self, JoinHandle<()>), PublishError> {
         let exchange = ShortString::try_new(settings.exchange.clone())
             .map_err(|err| PublishError::Channel(err.to_string()))?;
-        let (state, _) = watch::channel(BrokerState::default());
         let shared = Arc::new(Shared {
             settings,
             exchange,
@@ -188,6 +202,7 @@ impl Publisher {
             retired: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
+            metrics,
         });
         let task = tokio::spawn(supervisor::run(Arc::clone(&shared)));
         Ok((Self { shared }, task))
@@ -213,11 +228,16 @@ impl Publisher {
     /// returned [`Pending`] resolves to the outcome. The work runs in its own task
     /// holding `permit`, bounded by admission: dropping `Pending` (a cancelled caller)
     /// does not cancel the publish, it only stops listening.
+    ///
+    /// Tracing: a producer span per batch, a child of the caller's current span; its
+    /// context (or, with tracing off, the caller's `incoming` context) goes into every
+    /// message's headers.
     pub fn publish(
         &self,
         events: Vec<ValidEvent>,
         permit: Permit,
         lane: Option<usize>,
+        incoming: &trace::Incoming,
     ) -> Result<Pending, PublishError> {
         if self.shared.stop.is_cancelled() {
             return Err(PublishError::ShuttingDown);
@@ -239,13 +259,16 @@ impl Publisher {
         let shared = Arc::clone(&self.shared);
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + shared.settings.confirm_timeout;
-        tokio::spawn(async move {
-            let outcome = publish_batch(&shared, &channel, &events, deadline).await;
+        let producer = producer_span(&shared.settings.exchange, &events);
+        let headers = trace::outgoing_headers(&producer, incoming);
+        let work = async move {
+            let outcome = publish_batch(&shared, &channel, &events, &headers, deadline).await;
             // Settled: give the room back before answering, so a caller that retries
             // at once finds it free.
             drop(permit);
             let _ = tx.send(outcome);
-        });
+        };
+        tokio::spawn(work.instrument(producer));
         Ok(Pending(rx))
     }
 
@@ -277,10 +300,37 @@ impl Publisher {
     }
 }
 
+/// The producer span of one batch, after the OpenTelemetry messaging conventions. At
+/// DEBUG: with tracing off it is disabled at its call site and costs nothing.
+fn producer_span(exchange: &str, events: &[ValidEvent]) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "publish",
+        otel.name = %format_args!("publish {exchange}"),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "publish",
+        messaging.operation.name = "publish",
+        messaging.destination.name = exchange,
+        messaging.batch.message_count = events.len(),
+        messaging.message.id = tracing::field::Empty,
+        messaging.message.body.size = tracing::field::Empty,
+        messaging.rabbitmq.destination.routing_key = tracing::field::Empty,
+    );
+    if let [event] = events
+        && !span.is_disabled()
+    {
+        span.record("messaging.message.id", event.id());
+        span.record("messaging.message.body.size", event.payload().len());
+        span.record("messaging.rabbitmq.destination.routing_key", event.topic());
+    }
+    span
+}
+
 async fn publish_batch(
     shared: &Shared,
     channel: &Channel,
     events: &[ValidEvent],
+    headers: &[(&'static str, String)],
     deadline: Instant,
 ) -> BatchOutcome {
     if shared.state.borrow().blocked && !wait_unblocked(shared, deadline).await {
@@ -296,14 +346,21 @@ async fn publish_batch(
     }
     // `join_all` polls every publish once, in order, before awaiting any confirm:
     // the whole batch is pipelined on the channel, in order.
-    let results = futures::future::join_all(events.iter().map(|event| {
-        amqp::publish_one(
+    let results = futures::future::join_all(events.iter().map(|event| async {
+        let started = Instant::now();
+        let result = amqp::publish_one(
             channel,
             &shared.exchange,
             event,
+            headers,
             deadline,
             shared.settings.accept_unroutable,
         )
+        .await;
+        if result.is_ok() {
+            shared.metrics.confirm_latency(started.elapsed());
+        }
+        result
     }))
     .await;
     let mut outcome = BatchOutcome {
@@ -312,6 +369,10 @@ async fn publish_batch(
         failure: None,
     };
     for (index, result) in results.into_iter().enumerate() {
+        match &result {
+            Ok(()) => shared.metrics.confirmed(1),
+            Err(error) => shared.metrics.rejected(reason(error), 1),
+        }
         match (result, &mut outcome.failure) {
             (Ok(()), None) => outcome.confirmed += 1,
             (Ok(()), Some(_)) => {}
@@ -331,6 +392,19 @@ async fn publish_batch(
         }
     }
     outcome
+}
+
+/// The `reason` label of a failed event.
+pub fn reason(error: &PublishError) -> Reason {
+    match error {
+        PublishError::Unroutable { .. } => Reason::Unroutable,
+        PublishError::Nacked => Reason::Nacked,
+        PublishError::ConfirmTimeout | PublishError::Blocked => Reason::Timeout,
+        PublishError::HeadersTooLarge { .. } => Reason::Invalid,
+        PublishError::Disconnected | PublishError::Channel(_) | PublishError::ShuttingDown => {
+            Reason::Unavailable
+        }
+    }
 }
 
 /// While the broker blocks publishers, lapin accepts frames and holds them (and their

@@ -1,6 +1,7 @@
 mod bench_smoke;
 mod broker_node;
 mod faults;
+mod observability;
 mod private_node_selftest;
 mod publish;
 mod python_client;

@@ -23,6 +23,16 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts `ingest` on a free port with the broker and exchange given, plus `env`.
     pub fn start(amqp_url: &str, exchange: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with_stderr(amqp_url, exchange, env, Stdio::inherit())
+    }
+
+    /// Like [`ChildServer::start`], with the server's log lines (stderr) sent to `stderr`.
+    pub fn start_with_stderr(
+        amqp_url: &str,
+        exchange: &str,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -37,7 +47,7 @@ impl ChildServer {
             .env("INGEST_EXCHANGE", exchange)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (key, value) in env {
             command.env(key, value);
         }

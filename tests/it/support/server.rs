@@ -31,6 +31,8 @@ pub fn test_config(amqp_url: &str, exchange: &str) -> Config {
 /// A running service and what a test needs to observe it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     pub admission: Arc<Admission>,
     /// The service's view of the broker connection.
     pub broker: watch::Receiver<BrokerState>,
@@ -42,15 +44,18 @@ pub struct TestServer {
 pub async fn spawn_server(config: Config) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
     let app = ingest::App::new(config).unwrap();
     let admission = app.admission();
     let broker = app.broker_state();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(app.serve(listener, async {
+    let task = tokio::spawn(app.serve(listener, admin, async {
         let _ = stopped.await;
     }));
     TestServer {
         addr,
+        admin_addr,
         admission,
         broker,
         stop: Some(stop),
