@@ -381,3 +381,46 @@ async fn traces_follow_the_callers_traceparent_into_the_amqp_headers() {
     let _ = std::fs::remove_file(&log_path);
     queue.cleanup().await;
 }
+
+#[tokio::test]
+async fn dashboard_queries_only_metrics_the_service_exports() {
+    let queue = TestQueue::new("#").await;
+    let server = spawn_server(test_config(AMQP_URL, &queue.exchange)).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    // One confirmed call, so histograms have their bucket series.
+    server
+        .client()
+        .await
+        .publish(request(vec![json_event("t", "d1", "{}")]))
+        .await
+        .unwrap();
+    let metrics = http_get(server.admin_addr, "/metrics").await.1;
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/dashboards/ingest.json"
+    ))
+    .unwrap();
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is valid JSON");
+    let mut used = std::collections::BTreeSet::new();
+    for (i, _) in dashboard.match_indices("ingest_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        used.insert(name);
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in &used {
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard queries {name}, which /metrics does not export: {exported:?}"
+        );
+    }
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
