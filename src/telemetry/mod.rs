@@ -114,6 +114,9 @@ pub fn init(format: LogFormat) -> Telemetry {
     } else {
         (None, None)
     };
+    if otel.is_some() || format == LogFormat::Json {
+        trace::enable_rich_spans();
+    }
     tracing_subscriber::registry().with(logs).with(otel).init();
     Telemetry { tracer_provider }
 }

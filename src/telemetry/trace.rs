@@ -1,6 +1,8 @@
 //! W3C trace context in and out: read from the caller's gRPC metadata, written into the
 //! AMQP headers of every published message so a consumer continues the trace.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator},
@@ -63,21 +65,45 @@ impl Extractor for Incoming {
     }
 }
 
+/// Set once at start-up: whether RPC spans have a reader (see [`rpc_span`]).
+static RICH_SPANS: AtomicBool = AtomicBool::new(false);
+
+/// Called by `telemetry::init`: spans are exported, or logs carry their ids.
+pub(super) fn enable_rich_spans() {
+    RICH_SPANS.store(true, Ordering::Relaxed);
+}
+
+/// One RPC span call site per level (a span's level is fixed at its call site).
+macro_rules! rpc_span_at {
+    ($level:expr, $method:expr) => {
+        tracing::span!(
+            $level,
+            "rpc",
+            otel.name = $method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "ingest.v1.Ingest",
+            rpc.method = $method.rsplit('/').next().unwrap_or($method),
+            rpc.grpc.status_code = field::Empty,
+            trace_id = field::Empty,
+            span_id = field::Empty,
+        )
+    };
+}
+
 /// The server span of one RPC, parented on the caller's context. It records the trace
 /// id (OpenTelemetry's when tracing is on, else the caller's) so JSON log lines written
 /// inside it carry it.
+///
+/// The span is at INFO when something reads it (an OTLP exporter, or JSON logs that
+/// carry its trace id) and at DEBUG otherwise, where it is disabled at its call site:
+/// plain text logs at `info` do not pay for a span per call.
 pub fn rpc_span(method: &'static str, incoming: &Incoming) -> Span {
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = method,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = "ingest.v1.Ingest",
-        rpc.method = method.rsplit('/').next().unwrap_or(method),
-        rpc.grpc.status_code = field::Empty,
-        trace_id = field::Empty,
-        span_id = field::Empty,
-    );
+    let span = if RICH_SPANS.load(Ordering::Relaxed) {
+        rpc_span_at!(tracing::Level::INFO, method)
+    } else {
+        rpc_span_at!(tracing::Level::DEBUG, method)
+    };
     if span.is_disabled() {
         return span;
     }
