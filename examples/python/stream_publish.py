@@ -46,68 +46,29 @@ run adds "error". Exit status 0 only when every event was confirmed.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-INSTALL_HINT = "python3 -m pip install -r examples/python/requirements.txt"
-
-try:
-    import grpc
-    from google.protobuf.message import DecodeError
-    from google.rpc import error_details_pb2, status_pb2
-    from grpc_tools import protoc
-except ImportError as missing:  # pragma: no cover - depends on the machine
-    sys.exit(f"stream_publish.py: {missing}; install the requirements: {INSTALL_HINT}")
-
-# The proto tree this script belongs to.
-PROTO_ROOT = Path(__file__).resolve().parent.parent.parent / "proto"
-PROTO_FILE = "ingest/v1/ingest.proto"
-
-# Trailing metadata: how many leading events of the stream were confirmed.
-CONFIRMED_COUNT = "ingest-confirmed-count"
-# Trailing metadata: a serialized google.rpc.Status with the rich error details.
-STATUS_DETAILS = "grpc-status-details-bin"
-
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-    }
+# Stub generation and status-detail parsing, shared with publish.py. It exits with
+# the install hint if a requirement is missing.
+from ingest_common import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    CONFIRMED_COUNT,
+    RETRYABLE,
+    retry_delay,
+    status_details,
+    stubs,
+    trailer,
 )
 
-# Backoff when a retryable status carries no RetryInfo: doubles per attempt that
-# made no progress, with jitter, capped.
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
-
-
-def generate_stubs(out_dir: str) -> None:
-    """Compiles the proto into `out_dir` (ingest/v1/ingest_pb2{,_grpc}.py)."""
-    # grpc_tools ships the well-known types (google/protobuf/timestamp.proto);
-    # `python -m grpc_tools.protoc` adds them itself, `protoc.main` does not.
-    well_known = importlib.resources.files("grpc_tools") / "_proto"
-    rc = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{well_known}",
-            f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            str(PROTO_ROOT / PROTO_FILE),
-        ]
-    )
-    if rc != 0:
-        sys.exit(f"stream_publish.py: protoc failed ({rc}) on {PROTO_ROOT / PROTO_FILE}")
+import grpc
+from google.rpc import error_details_pb2
 
 
 def parse_args() -> argparse.Namespace:
@@ -191,46 +152,6 @@ class Attempt:
             i = end
 
 
-def trailer(call, key: str):
-    """The value of trailing metadata `key`, or None."""
-    for k, v in call.trailing_metadata() or ():
-        if k == key:
-            return v
-    return None
-
-
-def status_details(call) -> list:
-    """The rich error details (google.rpc.*) of a failed call, unpacked."""
-    raw = trailer(call, STATUS_DETAILS)
-    if raw is None:
-        return []
-    try:
-        status = status_pb2.Status.FromString(raw)
-    except DecodeError:
-        return []
-    known = (
-        error_details_pb2.RetryInfo,
-        error_details_pb2.BadRequest,
-        error_details_pb2.PreconditionFailure,
-    )
-    details = []
-    for any_detail in status.details:
-        for kind in known:
-            if any_detail.Is(kind.DESCRIPTOR):
-                detail = kind()
-                any_detail.Unpack(detail)
-                details.append(detail)
-    return details
-
-
-def retry_delay(details: list) -> float | None:
-    """Seconds from google.rpc.RetryInfo, if the status carries one."""
-    for d in details:
-        if isinstance(d, error_details_pb2.RetryInfo):
-            return d.retry_delay.ToTimedelta().total_seconds()
-    return None
-
-
 def describe_rejection(args, start: int, confirmed: int, error, details: list) -> str:
     """Names the event a non-retryable status is about.
 
@@ -267,11 +188,7 @@ def describe_rejection(args, start: int, confirmed: int, error, details: list) -
 
 def main() -> int:
     args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="ingest-stubs-") as stubs:
-        generate_stubs(stubs)
-        sys.path.insert(0, stubs)
-        from ingest.v1 import ingest_pb2, ingest_pb2_grpc
-
+    with stubs() as (ingest_pb2, ingest_pb2_grpc):
         return publish(args, ingest_pb2, ingest_pb2_grpc)
 
 

@@ -1,5 +1,6 @@
 mod bench_smoke;
 mod broker_node;
+mod examples;
 mod faults;
 mod observability;
 mod private_node_selftest;
