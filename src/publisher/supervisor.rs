@@ -9,6 +9,7 @@ use lapin::{
     Connection, ConnectionProperties, Event, ExchangeKind,
     options::{ConfirmSelectOptions, ExchangeDeclareOptions},
     types::FieldTable,
+    uri::AMQPUri,
 };
 use tokio::time::{sleep, timeout};
 
@@ -20,6 +21,9 @@ const BASE_BACKOFF: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a live connection's status is re-read, besides its events.
 const STATUS_POLL: Duration = Duration::from_secs(1);
+/// Heartbeat interval asked for unless the URL sets `?heartbeat=`: a dead connection is
+/// noticed after two missed beats.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// Closing waits at most this long: lapin's `close` hangs on a blocked connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -77,7 +81,11 @@ pub(super) async fn run(shared: Arc<Shared>) {
 /// connection whose setup fails is closed, not left to linger until the broker notices.
 async fn connect(shared: &Shared) -> Result<Connection, String> {
     let properties = ConnectionProperties::default().with_connection_name("ingest".into());
-    let connection = Connection::connect(&shared.settings.amqp_url, properties)
+    let mut uri: AMQPUri = shared.settings.amqp_url.parse()?;
+    // Without heartbeats a silently dead broker (a cut cable, a black-holed address) is
+    // noticed only when TCP gives up, minutes later; RabbitMQ proposes 60 s.
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    let connection = Connection::connect_uri(uri, properties)
         .await
         .map_err(|e| e.to_string())?;
     if let Err(error) = setup(shared, &connection).await {
@@ -172,24 +180,42 @@ async fn watch(shared: &Shared, connection: &Connection) -> String {
     }
 }
 
-/// Replaces channels that are no longer open (e.g. closed by the broker after an error).
+/// Replaces channels that are no longer open (e.g. closed by the broker after an error)
+/// and channels retired after a confirm timeout (those are closed in the background).
 async fn repair(shared: &Shared, connection: &Connection) -> Result<(), String> {
     let current = shared.pool.read().ok().and_then(|p| p.clone());
     let Some(pool) = current else { return Ok(()) };
-    if pool.channels.iter().all(|c| c.status().connected()) {
+    let retired = shared
+        .retired
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
+    let healthy = |c: &lapin::Channel| c.status().connected() && !retired.contains(&c.id());
+    if pool.channels.iter().all(healthy) {
         return Ok(());
     }
     let mut channels = Vec::with_capacity(pool.channels.len());
     for channel in &pool.channels {
-        if channel.status().connected() {
+        if healthy(channel) {
             channels.push(channel.clone());
-        } else {
-            tracing::warn!(
-                channel = channel.id(),
-                "AMQP channel closed; opening a new one"
-            );
-            channels.push(open_channel(connection).await?);
+            continue;
         }
+        let open = channel.status().connected();
+        tracing::warn!(channel = channel.id(), open, "replacing AMQP channel");
+        if open {
+            let old = channel.clone();
+            // At most one per pool channel per repair; bounded, since a blocked broker
+            // never answers the close.
+            tokio::spawn(async move {
+                let _ = timeout(CLOSE_TIMEOUT, old.close(200, "confirm timed out".into())).await;
+            });
+        }
+        // A broker that does not answer must not hold the supervisor here: past the
+        // timeout the connection counts as lost and is replaced whole.
+        let fresh = timeout(CONNECT_TIMEOUT, open_channel(connection))
+            .await
+            .map_err(|_| "opening a replacement channel timed out".to_owned())??;
+        channels.push(fresh);
     }
     set_pool(
         shared,

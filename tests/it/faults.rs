@@ -405,3 +405,89 @@ async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
     report.assert_invariants(&queue).await;
     queue.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_silently_stalled_broker_is_noticed_by_heartbeats_and_recovered_from() {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    // No `?heartbeat=` in the URL: the service's default applies (RabbitMQ proposes 60 s,
+    // which would take about two minutes to notice).
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(300);
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+
+    // Nothing is closed, nothing errors: the broker just stops answering.
+    proxy.set_mode(Mode::Stall);
+    server
+        .wait_health(ServingStatus::NotServing, Duration::from_secs(40))
+        .await;
+    proxy.set_mode(Mode::Forward);
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    let ok = server
+        .client()
+        .await
+        .publish(request(vec![json_event("t", "after-stall", "{}")]))
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().ids, vec!["after-stall"]);
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_channel_whose_confirm_timed_out_is_replaced() {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let log_path = std::env::temp_dir().join(format!("{}.log", unique("ingest-retire")));
+    let server = crate::support::ChildServer::start_with_stderr(
+        &proxy.amqp_url(),
+        &queue.exchange,
+        &[
+            ("INGEST_CONFIRM_TIMEOUT", "500ms"),
+            ("INGEST_CHANNELS", "1"),
+        ],
+        std::fs::File::create(&log_path).unwrap().into(),
+    );
+    let mut client = server.ready_client().await;
+
+    proxy.set_mode(Mode::Stall);
+    let status = client
+        .publish(request(vec![json_event("t", "late", "{}")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    proxy.set_mode(Mode::Forward);
+
+    // lapin keeps an abandoned confirm until its channel goes away: the channel is
+    // replaced, and the service publishes on the new one.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if log.contains("replacing AMQP channel") && log.contains("open=true") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timed-out channel was not replaced:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = tokio::time::timeout(GUARD, async {
+        loop {
+            match client
+                .publish(request(vec![json_event("t", "after-replace", "{}")]))
+                .await
+            {
+                Ok(ok) => return ok.into_inner().ids,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok, vec!["after-replace"]);
+    drop(server);
+    let _ = std::fs::remove_file(&log_path);
+    queue.cleanup().await;
+}
