@@ -368,10 +368,13 @@ async fn publish_batch(
         confirmed: 0,
         failure: None,
     };
+    // Counted once per batch and outcome, not once per event.
+    let mut confirmed = 0;
+    let mut rejected = [0; Reason::ALL.len()];
     for (index, result) in results.into_iter().enumerate() {
         match &result {
-            Ok(()) => shared.metrics.confirmed(1),
-            Err(error) => shared.metrics.rejected(reason(error), 1),
+            Ok(()) => confirmed += 1,
+            Err(error) => rejected[reason(error) as usize] += 1,
         }
         match (result, &mut outcome.failure) {
             (Ok(()), None) => outcome.confirmed += 1,
@@ -390,6 +393,10 @@ async fn publish_batch(
             }
             (Err(_), Some(failure)) => failure.failed += 1,
         }
+    }
+    shared.metrics.confirmed(confirmed);
+    for (reason, events) in Reason::ALL.into_iter().zip(rejected) {
+        shared.metrics.rejected(reason, events);
     }
     outcome
 }

@@ -52,7 +52,8 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 8] = [
+    /// Every reason, in label order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 8] = [
         Reason::Invalid,
         Reason::Exhausted,
         Reason::Unavailable,
@@ -209,7 +210,9 @@ impl Metrics {
 
     /// Counts events RabbitMQ confirmed.
     pub fn confirmed(&self, events: usize) {
-        self.0.confirmed.add(events as u64, &[]);
+        if events > 0 {
+            self.0.confirmed.add(events as u64, &[]);
+        }
     }
 
     /// Counts events not confirmed, by reason.

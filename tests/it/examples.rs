@@ -17,24 +17,18 @@ use std::{
     time::Duration,
 };
 
-use ingest::{config::Config, health::SERVICE_NAME};
 use lapin::message::BasicGetMessage;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::Command,
     sync::watch,
 };
-use tonic::transport::Channel;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 use crate::support::{
-    AMQP_ADDR, AMQP_URL, FaultProxy, Mode, TestQueue, TestServer, spawn_server, test_config, unique,
+    AMQP_ADDR, AMQP_URL, FaultProxy, Mode, TestQueue, TestServer, spawn_ready_server, spawn_server,
+    test_config, unique,
 };
 
-/// How long the broker connection may take to come up.
-const READY: Duration = Duration::from_secs(10);
 /// Upper bound for one run of a client (Python stub generation included).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a client may take to report its first `UNAVAILABLE`.
@@ -161,35 +155,6 @@ async fn require_node() {
         "the Node example's packages are missing; run `{NODE_HINT}`\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Starts the service and waits until it is connected to the broker: SERVING on
-/// the overall `""` and on `ingest.v1.Ingest`.
-async fn start(config: Config) -> TestServer {
-    let server = spawn_server(config).await;
-    server.wait_health(ServingStatus::Serving, READY).await;
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + READY;
-    loop {
-        let answer = health
-            .check(HealthCheckRequest {
-                service: SERVICE_NAME.to_owned(),
-            })
-            .await;
-        if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
-            return server;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{SERVICE_NAME} not SERVING within {READY:?}: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// How a client run ended.
@@ -350,7 +315,7 @@ async fn python_example_publishes_one_event_unary_and_a_batch_on_a_stream() {
     require_python().await;
     let client = Client::python();
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let prefix = format!("{}-", unique("py-publish"));
 
     let run = run(
@@ -400,7 +365,7 @@ async fn python_example_names_the_event_and_fails_when_it_is_refused() {
     let client = Client::python();
     // Bound to `orders.#` only: the example's events to `audit.x` are unroutable.
     let queue = TestQueue::new("orders.#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let prefix = format!("{}-", unique("py-refused"));
 
     let run = run(
@@ -515,7 +480,7 @@ async fn node_example_publishes_one_event_with_its_id() {
     require_node().await;
     let client = Client::node();
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let id = unique("node-publish");
 
     let run = run(
@@ -540,7 +505,7 @@ async fn node_example_without_an_id_prints_the_one_it_generated() {
     require_node().await;
     let client = Client::node();
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     let run = run(&client, &server, &[]).await;
     run.assert_success(&client);
@@ -559,7 +524,7 @@ async fn node_example_names_the_event_and_fails_when_it_is_refused() {
     require_node().await;
     let client = Client::node();
     let queue = TestQueue::new("orders.#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let id = unique("node-refused");
 
     let run = run(&client, &server, &["--topic", "audit.x", "--id", &id]).await;

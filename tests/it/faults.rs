@@ -8,8 +8,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    AMQP_ADDR, FaultProxy, Mode, TestQueue, connect_broker, json_event, request, run_load,
-    spawn_server, test_config, unique,
+    AMQP_ADDR, FaultProxy, Mode, TestQueue, connect_broker, json_event, publish_until_ok, request,
+    run_load, spawn_server, test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
@@ -266,19 +266,7 @@ async fn confirm_timeout_fails_events_unavailable_and_releases_their_room() {
 
     proxy.set_mode(Mode::Forward);
     // The timed-out channel is replaced; the service goes on.
-    let ok = tokio::time::timeout(GUARD, async {
-        loop {
-            match client
-                .publish(request(vec![json_event("t", "after-timeout", "{}")]))
-                .await
-            {
-                Ok(ok) => return ok.into_inner().ids,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let ok = publish_until_ok(&mut client, "after-timeout", GUARD).await;
     assert_eq!(ok, vec!["after-timeout"]);
     server.stop().await.unwrap();
     queue.cleanup().await;
@@ -473,19 +461,7 @@ async fn a_channel_whose_confirm_timed_out_is_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ok = tokio::time::timeout(GUARD, async {
-        loop {
-            match client
-                .publish(request(vec![json_event("t", "after-replace", "{}")]))
-                .await
-            {
-                Ok(ok) => return ok.into_inner().ids,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let ok = publish_until_ok(&mut client, "after-replace", GUARD).await;
     assert_eq!(ok, vec!["after-replace"]);
     drop(server);
     let _ = std::fs::remove_file(&log_path);

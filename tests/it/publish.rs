@@ -10,7 +10,6 @@ use std::{
 
 use ingest::{
     api::max_message_bytes,
-    config::Config,
     health::SERVICE_NAME,
     proto::{Event, PublishRequest},
     validate::Limits,
@@ -19,54 +18,17 @@ use lapin::{BasicProperties, message::BasicGetMessage, types::AMQPValue};
 use prost::Message as _;
 use prost_types::{FileDescriptorProto, Timestamp};
 use tonic::{Code, Status, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    AMQP_URL, TestQueue, TestServer, json_event, request, spawn_server, test_config, unique,
+    AMQP_URL, TestQueue, TestServer, json_event, request, spawn_ready_server, test_config, unique,
 };
 
-/// How long the broker connection may take to come up.
-const READY: Duration = Duration::from_secs(10);
 /// How long published messages may take to show in the queue.
 const ARRIVE: Duration = Duration::from_secs(5);
 /// How long a count must hold to show nothing else (late, duplicate) arrives.
 const SETTLE: Duration = Duration::from_millis(300);
-
-/// Starts the service on `config` and waits until it is connected to the broker.
-async fn start(config: Config) -> TestServer {
-    let server = spawn_server(config).await;
-    server.wait_health(ServingStatus::Serving, READY).await;
-    // tonic-health reports "" as SERVING from the moment it is created, before the
-    // service has looked at the broker; `ingest.v1.Ingest` is only ever set from the
-    // broker state, so waiting for it too means the connection really is up.
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + READY;
-    loop {
-        let answer = health
-            .check(HealthCheckRequest {
-                service: SERVICE_NAME.to_owned(),
-            })
-            .await;
-        match &answer {
-            Ok(response) if response.get_ref().status() == ServingStatus::Serving => {
-                return server;
-            }
-            _ => assert!(
-                tokio::time::Instant::now() < deadline,
-                "{SERVICE_NAME} not SERVING within {READY:?}: {answer:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn publish(server: &TestServer, events: Vec<Event>) -> Result<Vec<String>, Status> {
     publish_request(server, request(events)).await
@@ -141,7 +103,7 @@ fn attrs<const N: usize>(pairs: [(&str, &str); N]) -> HashMap<String, String> {
 #[tokio::test]
 async fn published_events_land_with_routing_key_body_properties_and_headers() {
     let queue = TestQueue::new("orders.*").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     let topics = ["orders.created", "orders.paid", "orders.shipped"];
     let events: Vec<Event> = topics
@@ -197,7 +159,7 @@ async fn published_events_land_with_routing_key_body_properties_and_headers() {
 #[tokio::test]
 async fn events_without_ids_get_uuid_v7_ids_in_request_order() {
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     let events: Vec<Event> = (0..5)
         .map(|i| json_event("orders.created", "", &format!(r#"{{"n":{i}}}"#)))
@@ -237,7 +199,7 @@ async fn every_validation_rule_is_invalid_argument_naming_the_field_and_publishe
     let mut config = test_config(AMQP_URL, &queue.exchange);
     config.max_batch_events = 5;
     config.max_event_bytes = 1024;
-    let server = start(config).await;
+    let server = spawn_ready_server(config).await;
 
     let valid = || json_event("orders.created", "", r#"{"ok":true}"#);
     // Each bad event goes second, after a valid one, so the index is checked too.
@@ -395,7 +357,7 @@ async fn every_validation_rule_is_invalid_argument_naming_the_field_and_publishe
 #[tokio::test]
 async fn unroutable_topic_is_failed_precondition_naming_the_topic() {
     let queue = TestQueue::new("orders.*").await;
-    let strict = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let strict = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     let status = publish(
         &strict,
@@ -425,7 +387,7 @@ async fn unroutable_topic_is_failed_precondition_naming_the_topic() {
     // broker drops it, since still no queue is bound for it).
     let mut config = test_config(AMQP_URL, &queue.exchange);
     config.accept_unroutable = true;
-    let lenient = start(config).await;
+    let lenient = spawn_ready_server(config).await;
     let id = unique("ev");
     let ids = publish(&lenient, vec![json_event("nobody.listens", &id, "{}")])
         .await
@@ -460,7 +422,7 @@ async fn oversized_request_is_refused_before_decoding() {
         },
         config.buffer_bytes,
     );
-    let server = start(config).await;
+    let server = spawn_ready_server(config).await;
 
     // A request whose encoding is exactly `size` bytes: one event, payload padded.
     let sized = |size: usize| {
@@ -584,7 +546,7 @@ reflect!(reflect_v1alpha, v1alpha);
 #[tokio::test]
 async fn reflection_and_health_work_without_the_proto() {
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     for (version, reflected) in [
         ("v1", reflect_v1(server.url()).await),
@@ -641,7 +603,7 @@ async fn reflection_and_health_work_without_the_proto() {
 #[tokio::test]
 async fn maximal_attributes_do_not_take_the_broker_connection_down() {
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
 
     let maximal = Event {
         attributes: (0..64)

@@ -8,18 +8,11 @@
 
 use std::{collections::HashSet, path::Path, process::Stdio, time::Duration};
 
-use ingest::{config::Config, health::SERVICE_NAME};
 use serde_json::Value;
 use tokio::process::Command;
-use tonic::transport::Channel;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
-use crate::support::{AMQP_URL, TestQueue, TestServer, spawn_server, test_config, unique};
+use crate::support::{AMQP_URL, TestQueue, spawn_ready_server, test_config, unique};
 
-/// How long the broker connection may take to come up.
-const READY: Duration = Duration::from_secs(10);
 /// Upper bound for one run of the Python client (stub generation included).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the count must hold to show nothing else (late, duplicate) arrives.
@@ -52,35 +45,6 @@ async fn require_python() {
         "the Python example's requirements are missing; run `{INSTALL_HINT}`\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Starts the service and waits until it is connected to the broker: the overall
-/// health is SERVING from the start, `ingest.v1.Ingest` only once the broker is up.
-async fn start(config: Config) -> TestServer {
-    let server = spawn_server(config).await;
-    server.wait_health(ServingStatus::Serving, READY).await;
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + READY;
-    loop {
-        let answer = health
-            .check(HealthCheckRequest {
-                service: SERVICE_NAME.to_owned(),
-            })
-            .await;
-        if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
-            return server;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{SERVICE_NAME} not SERVING within {READY:?}: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// What one run of the client reported.
@@ -144,7 +108,7 @@ async fn python_grpcio_client_streams_20000_events_on_one_stream() {
     const N: usize = 20_000;
     require_python().await;
     let queue = TestQueue::new("#").await;
-    let server = start(test_config(AMQP_URL, &queue.exchange)).await;
+    let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let prefix = format!("{}-", unique("py"));
     let addr = server.addr.to_string();
     let count = N.to_string();
@@ -195,7 +159,7 @@ async fn python_client_resumes_after_the_server_closes_an_idle_stream() {
     let queue = TestQueue::new("#").await;
     let mut config = test_config(AMQP_URL, &queue.exchange);
     config.stream_idle_timeout = Duration::from_millis(500);
-    let server = start(config).await;
+    let server = spawn_ready_server(config).await;
     let prefix = format!("{}-", unique("py-resume"));
     let addr = server.addr.to_string();
     let count = N.to_string();

@@ -42,22 +42,16 @@ impl Grpc {
         plan: Arc<Plan>,
         progress: Arc<AtomicU64>,
     ) -> anyhow::Result<Tally> {
-        let tasks: Vec<_> = (0..callers)
-            .map(|i| {
-                tokio::spawn(unary_caller(
-                    self.clients[i % self.clients.len()].clone(),
-                    self.event.clone(),
-                    batch,
-                    Arc::clone(&plan),
-                    Arc::clone(&progress),
-                ))
-            })
-            .collect();
-        let mut tallies = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            tallies.push(task.await?);
-        }
-        Ok(Tally::sum(tallies))
+        self.fan_out(callers, |client, event| {
+            unary_caller(
+                client,
+                event,
+                batch,
+                Arc::clone(&plan),
+                Arc::clone(&progress),
+            )
+        })
+        .await
     }
 
     /// `streams` concurrent PublishStream calls, `batch` events per message, each
@@ -70,15 +64,29 @@ impl Grpc {
         plan: Arc<Plan>,
         progress: Arc<AtomicU64>,
     ) -> anyhow::Result<Tally> {
-        let tasks: Vec<_> = (0..streams)
+        self.fan_out(streams, |client, event| {
+            stream_caller(
+                client,
+                event,
+                batch,
+                Arc::clone(&plan),
+                Arc::clone(&progress),
+            )
+        })
+        .await
+    }
+
+    /// Runs `n` callers spread over the clients, each made by `caller`, and sums
+    /// their tallies.
+    async fn fan_out<F, Fut>(&self, n: usize, caller: F) -> anyhow::Result<Tally>
+    where
+        F: Fn(IngestClient<Channel>, Event) -> Fut,
+        Fut: std::future::Future<Output = Tally> + Send + 'static,
+    {
+        let tasks: Vec<_> = (0..n)
             .map(|i| {
-                tokio::spawn(stream_caller(
-                    self.clients[i % self.clients.len()].clone(),
-                    self.event.clone(),
-                    batch,
-                    Arc::clone(&plan),
-                    Arc::clone(&progress),
-                ))
+                let client = self.clients[i % self.clients.len()].clone();
+                tokio::spawn(caller(client, self.event.clone()))
             })
             .collect();
         let mut tallies = Vec::with_capacity(tasks.len());

@@ -14,4 +14,7 @@ pub use child::ChildServer;
 pub use load::{LoadReport, run_load};
 pub use private_node::PrivateNode;
 pub use proxy::{FaultProxy, Mode};
-pub use server::{TestServer, json_event, request, spawn_server, test_config};
+pub use server::{
+    TestServer, json_event, publish_until_ok, request, spawn_ready_server, spawn_server,
+    test_config,
+};

@@ -63,6 +63,39 @@ pub async fn spawn_server(config: Config) -> TestServer {
     }
 }
 
+/// Starts the service and waits until it is connected to the broker. The service
+/// reports `NOT_SERVING` (overall and for `ingest.v1.Ingest`) before it accepts its
+/// first connection, so SERVING here means the broker connection is up.
+pub async fn spawn_ready_server(config: Config) -> TestServer {
+    let server = spawn_server(config).await;
+    server
+        .wait_health(ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+    server
+}
+
+/// Publishes one event with `id` until the service answers OK (it may still be
+/// recovering from a fault), within `timeout`; returns the ids it answered with.
+pub async fn publish_until_ok(
+    client: &mut IngestClient<Channel>,
+    id: &str,
+    timeout: Duration,
+) -> Vec<String> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            match client
+                .publish(request(vec![json_event("t", id, "{}")]))
+                .await
+            {
+                Ok(ok) => return ok.into_inner().ids,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no OK for {id} within {timeout:?}"))
+}
+
 impl TestServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
