@@ -397,7 +397,7 @@ mod tests {
         assert_eq!(a.in_use(), Usage::default());
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_get_room_when_released_and_cancel_gives_back() {
         let a = Arc::new(Admission::new(4, 100));
         let held = a.try_admit(4, 50).unwrap();
@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(a.in_use(), Usage::default());
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streams_cannot_take_the_unary_share() {
         let a = Admission::new(100, 1000);
         assert_eq!(
@@ -454,7 +454,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn merged_permits_release_together() {
         let a = Admission::new(10, 1000);
         let mut token = a.admit_stream(1, 1).await.unwrap();
@@ -471,7 +471,7 @@ mod tests {
         assert_eq!(a.in_use(), Usage::default());
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stream_waiters_are_served_in_arrival_order() {
         let a = Arc::new(Admission::new(4, 1000));
         let held = a.admit_stream(3, 10).await.unwrap();

@@ -11,7 +11,7 @@ use crate::support::{
 
 const GUARD: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_under_load_recovers_and_loses_nothing_acknowledged() {
     let node = PrivateNode::start().await;
     let mut queue = TestQueue::new_at(&node.amqp_url(), "#").await;
@@ -51,7 +51,7 @@ async fn broker_restart_under_load_recovers_and_loses_nothing_acknowledged() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
     let node = PrivateNode::start().await;
     let queue = TestQueue::new_at(&node.amqp_url(), "#").await;
@@ -112,7 +112,7 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_broker_blocks_publishers_still_exits_and_acks_nothing_unconfirmed() {
     let node = PrivateNode::start().await;
     let queue = TestQueue::new_at(&node.amqp_url(), "#").await;

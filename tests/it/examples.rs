@@ -309,7 +309,7 @@ fn python_ids(prefix: &str, unary: bool, stream: usize) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_publishes_one_event_unary_and_a_batch_on_a_stream() {
     const N: usize = 25;
     require_python().await;
@@ -359,7 +359,7 @@ async fn python_example_publishes_one_event_unary_and_a_batch_on_a_stream() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_names_the_event_and_fails_when_it_is_refused() {
     require_python().await;
     let client = Client::python();
@@ -404,7 +404,7 @@ async fn python_example_names_the_event_and_fails_when_it_is_refused() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_retries_after_the_servers_delay_while_the_broker_is_away() {
     const N: usize = 10;
     require_python().await;
@@ -435,7 +435,7 @@ async fn python_example_retries_after_the_servers_delay_while_the_broker_is_away
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_resumes_its_stream_after_the_broker_comes_back() {
     const N: usize = 12;
     require_python().await;
@@ -475,7 +475,7 @@ async fn python_example_resumes_its_stream_after_the_broker_comes_back() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_example_publishes_one_event_with_its_id() {
     require_node().await;
     let client = Client::node();
@@ -500,7 +500,7 @@ async fn node_example_publishes_one_event_with_its_id() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_example_without_an_id_prints_the_one_it_generated() {
     require_node().await;
     let client = Client::node();
@@ -519,7 +519,7 @@ async fn node_example_without_an_id_prints_the_one_it_generated() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_example_names_the_event_and_fails_when_it_is_refused() {
     require_node().await;
     let client = Client::node();
@@ -548,7 +548,7 @@ async fn node_example_names_the_event_and_fails_when_it_is_refused() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_example_retries_after_the_servers_delay_while_the_broker_is_away() {
     require_node().await;
     let client = Client::node();

@@ -15,7 +15,7 @@ use crate::support::{
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
 const GUARD: Duration = Duration::from_secs(20);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_absent_at_start_is_not_serving_and_fails_fast_then_recovers() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start_in(AMQP_ADDR.parse().unwrap(), Mode::Refuse).await;
@@ -60,7 +60,7 @@ async fn broker_absent_at_start_is_not_serving_and_fails_fast_then_recovers() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_broker_pushes_back_unary_callers_and_admitted_calls_complete() {
     const BUFFER: usize = 10;
     const CALLERS: usize = 40;
@@ -128,7 +128,7 @@ async fn stalled_broker_pushes_back_unary_callers_and_admitted_calls_complete() 
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cut_twice_under_unary_and_stream_load_loses_nothing_acknowledged() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -174,7 +174,7 @@ async fn connection_cut_twice_under_unary_and_stream_load_loses_nothing_acknowle
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nacked_events_are_unavailable_with_retry_info() {
     let queue = TestQueue::new("none.bound.here").await;
     // A queue that refuses what does not fit: RabbitMQ nacks those publishes.
@@ -240,7 +240,7 @@ async fn nacked_events_are_unavailable_with_retry_info() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_timeout_fails_events_unavailable_and_releases_their_room() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -272,7 +272,7 @@ async fn confirm_timeout_fails_events_unavailable_and_releases_their_room() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_otherwise() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -347,7 +347,7 @@ async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_ot
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
     const BUFFER_BYTES: u64 = 1024 * 1024;
     /// Same fixed overhead as the stalled-stream test (README, Memory).
@@ -394,7 +394,7 @@ async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_stalled_broker_is_noticed_by_heartbeats_and_recovered_from() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -423,7 +423,7 @@ async fn a_silently_stalled_broker_is_noticed_by_heartbeats_and_recovered_from()
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_whose_confirm_timed_out_is_replaced() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;

@@ -58,7 +58,7 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{metrics}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_probes_follow_publishes_rejections_and_a_stall() {
     let queue = TestQueue::new("orders.*").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -242,7 +242,7 @@ fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a any_value::Value> {
         .and_then(|v| v.value.as_ref())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_follow_the_callers_traceparent_into_the_amqp_headers() {
     let receiver = Receiver::default();
     let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -382,7 +382,7 @@ async fn traces_follow_the_callers_traceparent_into_the_amqp_headers() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_queries_only_metrics_the_service_exports() {
     let queue = TestQueue::new("#").await;
     let server = spawn_server(test_config(AMQP_URL, &queue.exchange)).await;

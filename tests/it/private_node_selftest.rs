@@ -112,7 +112,7 @@ async fn next_event(
     .unwrap_or_else(|_| panic!("{what}: no such event within {WAIT:?}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_node_starts_restarts_and_raises_a_memory_alarm() {
     let started = Instant::now();
     let node = PrivateNode::start().await;

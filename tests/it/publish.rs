@@ -100,7 +100,7 @@ fn attrs<const N: usize>(pairs: [(&str, &str); N]) -> HashMap<String, String> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_events_land_with_routing_key_body_properties_and_headers() {
     let queue = TestQueue::new("orders.*").await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
@@ -156,7 +156,7 @@ async fn published_events_land_with_routing_key_body_properties_and_headers() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_without_ids_get_uuid_v7_ids_in_request_order() {
     let queue = TestQueue::new("#").await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
@@ -193,7 +193,7 @@ async fn events_without_ids_get_uuid_v7_ids_in_request_order() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_validation_rule_is_invalid_argument_naming_the_field_and_publishes_nothing() {
     let queue = TestQueue::new("#").await;
     let mut config = test_config(AMQP_URL, &queue.exchange);
@@ -354,7 +354,7 @@ async fn every_validation_rule_is_invalid_argument_naming_the_field_and_publishe
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_topic_is_failed_precondition_naming_the_topic() {
     let queue = TestQueue::new("orders.*").await;
     let strict = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
@@ -408,7 +408,7 @@ async fn unroutable_topic_is_failed_precondition_naming_the_topic() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_is_refused_before_decoding() {
     let queue = TestQueue::new("#").await;
     let mut config = test_config(AMQP_URL, &queue.exchange);
@@ -543,7 +543,7 @@ macro_rules! reflect {
 reflect!(reflect_v1, v1);
 reflect!(reflect_v1alpha, v1alpha);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_and_health_work_without_the_proto() {
     let queue = TestQueue::new("#").await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
@@ -600,7 +600,7 @@ async fn reflection_and_health_work_without_the_proto() {
 /// (RabbitMQ's default `frame_max` is 128 KiB). Such an event must either be published
 /// or refused as invalid; it must not make the broker close the service's connection,
 /// failing every in-flight publish of every caller.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maximal_attributes_do_not_take_the_broker_connection_down() {
     let queue = TestQueue::new("#").await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;

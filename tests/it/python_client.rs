@@ -103,7 +103,7 @@ fn expected_ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_streams_20000_events_on_one_stream() {
     const N: usize = 20_000;
     require_python().await;
@@ -151,7 +151,7 @@ async fn python_grpcio_client_streams_20000_events_on_one_stream() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_resumes_after_the_server_closes_an_idle_stream() {
     const N: usize = 2_000;
     const PAUSE_AFTER: u64 = 700;

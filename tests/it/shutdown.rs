@@ -10,7 +10,7 @@ use crate::support::{
 
 const GUARD: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_calls_in_flight_completes_them_and_exits_zero() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -59,7 +59,7 @@ async fn sigterm_with_calls_in_flight_completes_them_and_exits_zero() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drain_deadline_passed_with_unconfirmed_events_exits_nonzero_and_acks_nothing() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -102,7 +102,7 @@ async fn sigterm_drain_deadline_passed_with_unconfirmed_events_exits_nonzero_and
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_stream_load_tells_each_stream_its_confirmed_prefix_and_exits_zero() {
     let queue = TestQueue::new("#").await;
     let mut server = ChildServer::start(

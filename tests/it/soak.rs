@@ -13,7 +13,7 @@ use crate::support::{
     FaultProxy, Mode, PrivateNode, TestQueue, run_load, spawn_server, test_config,
 };
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long; run on demand (see the module docs)"]
 async fn soak_cycles_broker_faults_under_load_and_loses_nothing() {
     let secs: u64 = std::env::var("INGEST_SOAK_SECS")

@@ -59,7 +59,7 @@ fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id.clone()).collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_events_land_in_order_and_ok_reports_the_count() {
     let queue = TestQueue::new("#").await;
     let server = spawn_server(test_config(AMQP_URL, &queue.exchange)).await;
@@ -90,7 +90,7 @@ async fn stream_events_land_in_order_and_ok_reports_the_count() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mid_stream_invalid_event_at_k_confirms_exactly_k() {
     const K: usize = 37;
     let queue = TestQueue::new("#").await;
@@ -127,7 +127,7 @@ async fn mid_stream_invalid_event_at_k_confirms_exactly_k() {
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_cancel_mid_stream_releases_every_permit_and_the_service_keeps_serving() {
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
@@ -175,7 +175,7 @@ async fn caller_cancel_mid_stream_releases_every_permit_and_the_service_keeps_se
     queue.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_stream_is_closed_with_deadline_exceeded_and_the_count() {
     let queue = TestQueue::new("#").await;
     let mut config = test_config(AMQP_URL, &queue.exchange);
@@ -212,7 +212,7 @@ async fn idle_stream_is_closed_with_deadline_exceeded_and_the_count() {
 /// the streams stall, what callers can hand over is bounded, the server's memory stays
 /// within the buffer plus a fixed overhead, unary calls are refused promptly, and after
 /// the stall every event lands exactly once.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_broker_stalls_streams_with_bounded_memory_then_everything_lands_once() {
     const STREAMS: usize = 8;
     const EVENTS_PER_STREAM: usize = 100;

@@ -46,7 +46,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_forward_stall_latency_cut() {
     let tq = TestQueue::new("#").await;
     let proxy = FaultProxy::start(upstream()).await;
@@ -107,7 +107,7 @@ async fn proxy_forward_stall_latency_cut() {
     tq.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_refuse_then_forward() {
     let proxy = FaultProxy::start_in(upstream(), Mode::Refuse).await;
     let refused = timeout(
@@ -136,7 +136,7 @@ async fn proxy_refuse_then_forward() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_queue_routes_counts_and_drains() {
     let tq = TestQueue::new("orders.*").await;
     tq.publish("orders.created", b"first").await;
