@@ -189,6 +189,20 @@ impl Admission {
         }
     }
 
+    /// What stream permits hold of the streams' share ([`Admission::stream_capacity`]),
+    /// admitted and not yet released. Every stream permit also counts in
+    /// [`Admission::in_use`]; this is the share's own count, so that a share permit
+    /// that is not given back shows even when the buffer's are.
+    pub fn stream_in_use(&self) -> Usage {
+        let held = |capacity: usize, semaphore: &Semaphore| {
+            capacity - semaphore.available_permits().min(capacity)
+        };
+        Usage {
+            events: held(self.stream_capacity.events, &self.stream_events),
+            bytes: held(self.stream_capacity.bytes, &self.stream_bytes),
+        }
+    }
+
     /// The configured bound.
     pub fn capacity(&self) -> Usage {
         self.capacity
@@ -279,6 +293,17 @@ mod tests {
 
     use super::*;
 
+    /// Asserts nothing is held: neither the buffer nor the streams' share of it.
+    #[track_caller]
+    fn assert_idle(a: &Admission) {
+        assert_eq!(a.in_use(), Usage::default(), "the buffer is not idle");
+        assert_eq!(
+            a.stream_in_use(),
+            Usage::default(),
+            "the streams' share is not idle"
+        );
+    }
+
     #[test]
     fn permits_return_everything_on_drop() {
         let a = Admission::new(10, 1000);
@@ -292,6 +317,7 @@ mod tests {
             }
         );
         assert_eq!((p1.events(), p1.bytes()), (3, 300));
+        assert_eq!(a.stream_in_use(), Usage::default(), "unary takes no share");
         drop(p1);
         assert_eq!(
             a.in_use(),
@@ -301,7 +327,7 @@ mod tests {
             }
         );
         drop(p2);
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
     }
 
     #[test]
@@ -384,7 +410,7 @@ mod tests {
                 capacity: 1000
             }
         );
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
     }
 
     #[test]
@@ -394,7 +420,7 @@ mod tests {
         a.close();
         assert_eq!(a.try_admit(1, 1).unwrap_err(), AdmitError::Closed);
         drop(held);
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,7 +439,7 @@ mod tests {
         assert!(cancelled.is_err());
         drop(held);
         assert_eq!(waiter.await.unwrap().unwrap(), (1, 10));
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,8 +468,16 @@ mod tests {
                 bytes: 200
             }
         );
+        assert_eq!(
+            a.stream_in_use(),
+            Usage {
+                events: 75,
+                bytes: 100
+            },
+            "only the stream's permit holds share"
+        );
         drop((streams, unary));
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
         assert_eq!(
             a.admit_stream(76, 1).await.unwrap_err(),
             AdmitError::TooLarge {
@@ -460,15 +494,18 @@ mod tests {
         let mut token = a.admit_stream(1, 1).await.unwrap();
         token.merge(a.admit_stream(4, 399).await.unwrap());
         assert_eq!((token.events(), token.bytes()), (5, 400));
+        let held = Usage {
+            events: 5,
+            bytes: 400,
+        };
+        assert_eq!(a.in_use(), held);
         assert_eq!(
-            a.in_use(),
-            Usage {
-                events: 5,
-                bytes: 400
-            }
+            a.stream_in_use(),
+            held,
+            "the merged permit holds both shares"
         );
         drop(token);
-        assert_eq!(a.in_use(), Usage::default());
+        assert_idle(&a);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,13 +513,14 @@ mod tests {
         let a = Arc::new(Admission::new(4, 1000));
         let held = a.admit_stream(3, 10).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let mut waiters = Vec::new();
         for i in 0..3 {
             let (a, tx) = (Arc::clone(&a), tx.clone());
-            tokio::spawn(async move {
+            waiters.push(tokio::spawn(async move {
                 let p = a.admit_stream(1, 1).await.unwrap();
                 tx.send(i).await.unwrap();
                 drop(p);
-            });
+            }));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         drop(held);
@@ -491,5 +529,9 @@ mod tests {
             order.push(rx.recv().await.unwrap());
         }
         assert_eq!(order, vec![0, 1, 2]);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_idle(&a);
     }
 }

@@ -137,14 +137,17 @@ impl TestServer {
         }
     }
 
-    /// Waits until nothing is admitted; panics with the usage after `timeout`.
+    /// Waits until nothing is admitted, neither in the buffer nor in the streams'
+    /// share of it; panics with both usages after `timeout`.
     pub async fn wait_admission_idle(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.admission.in_use() != Usage::default() {
+        let held = || (self.admission.in_use(), self.admission.stream_in_use());
+        while held() != (Usage::default(), Usage::default()) {
+            let (buffer, streams) = held();
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "admission still holds {:?} after {timeout:?}",
-                self.admission.in_use()
+                "admission still holds {buffer:?} of the buffer and {streams:?} of the \
+                 streams' share after {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
