@@ -15,10 +15,10 @@
 //! rename them.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
 /// Default for `--listen` / `INGEST_LISTEN`.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
@@ -98,13 +98,15 @@ pub const MAX_CONCURRENT_STREAMS_LIMIT: u32 = 65_536;
              answering only once the broker has confirmed them."
 )]
 pub struct Args {
-    /// Address the gRPC ingest service listens on. Bind 0.0.0.0 in containers
-    /// so the pod network can reach it.
+    /// Address the gRPC ingest service listens on: IP:port or host:port (a
+    /// host name is resolved once, at start). Bind 0.0.0.0 in containers so
+    /// the pod network can reach it.
     #[arg(long, env = "INGEST_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
 
-    /// Address of the admin endpoint (metrics, health). Kept apart from the
-    /// gRPC port so it can stay off the public load balancer.
+    /// Address of the admin endpoint (metrics, health): IP:port or host:port.
+    /// Kept apart from the gRPC port so it can stay off the public load
+    /// balancer.
     #[arg(long, env = "INGEST_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: String,
 
@@ -168,9 +170,16 @@ pub struct Args {
     pub max_event_bytes: String,
 
     /// Most events in one request. Keeps one caller from taking the whole
-    /// buffer in a single call. Must not exceed --buffer-events.
+    /// buffer in a single call. Must not exceed --buffer-events; when not
+    /// set, it is lowered to a smaller --buffer-events.
     #[arg(long, env = "INGEST_MAX_BATCH_EVENTS", default_value = DEFAULT_MAX_BATCH_EVENTS)]
     pub max_batch_events: String,
+
+    /// Whether `max_batch_events` was given (flag or environment) rather than
+    /// left at its default: only a default is lowered to the buffer. Set from
+    /// clap's value source by [`Config::load`] and [`Config::from_args`].
+    #[arg(skip)]
+    pub max_batch_events_given: bool,
 
     /// How long to wait for the broker to confirm a publish (e.g. 10s) before
     /// answering the caller with an error it can retry. Without it a stuck
@@ -281,6 +290,7 @@ impl Default for Args {
             buffer_bytes: DEFAULT_BUFFER_BYTES.to_owned(),
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES.to_owned(),
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS.to_owned(),
+            max_batch_events_given: false,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT.to_owned(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT.to_owned(),
             channels: DEFAULT_CHANNELS.to_owned(),
@@ -348,6 +358,10 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Format of the log lines on stderr.
     pub log_format: LogFormat,
+    /// Settings adjusted because of other settings (e.g. a default
+    /// `max_batch_events` lowered to `buffer_events`), one sentence each, for
+    /// `main` to log once logging is up.
+    pub notices: Vec<String>,
 }
 
 /// Format of the log lines written to stderr (`--log-format`).
@@ -366,7 +380,9 @@ impl Config {
     /// and exiting the process); every other problem comes back in the
     /// [`ConfigError`].
     pub fn load() -> Result<Config, ConfigError> {
-        Config::try_from(Args::parse())
+        let matches = Args::command().get_matches();
+        let args = Args::from_matches(&matches).unwrap_or_else(|e| e.exit());
+        Config::try_from(args)
     }
 
     /// Like [`Config::load`], but from the given arguments (the first is the
@@ -380,9 +396,25 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args = Args::try_parse_from(args)
-            .map_err(|e| ConfigError(vec![e.render().to_string().trim_end().to_owned()]))?;
-        Config::try_from(args)
+        let clap_error =
+            |e: clap::Error| ConfigError(vec![e.render().to_string().trim_end().to_owned()]);
+        let matches = Args::command()
+            .try_get_matches_from(args)
+            .map_err(clap_error)?;
+        Config::try_from(Args::from_matches(&matches).map_err(clap_error)?)
+    }
+}
+
+impl Args {
+    /// The raw settings from clap's matches, noting which were given (flag or
+    /// environment) rather than left at their defaults.
+    fn from_matches(matches: &ArgMatches) -> Result<Args, clap::Error> {
+        let mut args = <Args as FromArgMatches>::from_arg_matches(matches)?;
+        args.max_batch_events_given = matches!(
+            matches.value_source("max_batch_events"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        Ok(args)
     }
 }
 
@@ -510,7 +542,7 @@ impl TryFrom<Args> for Config {
         let max_event_bytes = p.parse(MAX_EVENT_BYTES, &args.max_event_bytes, |s| {
             at_least_one(s, parse_size(s)?, "every event would be refused")
         });
-        let max_batch_events = p.parse(MAX_BATCH_EVENTS, &args.max_batch_events, |s| {
+        let mut max_batch_events = p.parse(MAX_BATCH_EVENTS, &args.max_batch_events, |s| {
             at_least_one(s, parse_count(s)?, "every request would be refused")
         });
         let confirm_timeout = p.parse(CONFIRM_TIMEOUT, &args.confirm_timeout, |s| {
@@ -596,17 +628,28 @@ impl TryFrom<Args> for Config {
                 ),
             );
         }
-        if let (Some(batch), Some(buffer)) = (max_batch_events, buffer_events)
-            && batch > buffer
+        let mut notices = Vec::new();
+        if let (Some(batch), Some(buffer)) = (max_batch_events.as_mut(), buffer_events)
+            && *batch > buffer
         {
-            p.report(
-                MAX_BATCH_EVENTS,
-                format_args!(
-                    "{:?} exceeds {BUFFER_EVENTS} {:?}: \
-                     a batch larger than the whole buffer could never be admitted",
-                    args.max_batch_events, args.buffer_events,
-                ),
-            );
+            if args.max_batch_events_given {
+                p.report(
+                    MAX_BATCH_EVENTS,
+                    format_args!(
+                        "{:?} exceeds {BUFFER_EVENTS} {:?}: \
+                         a batch larger than the whole buffer could never be admitted",
+                        args.max_batch_events, args.buffer_events,
+                    ),
+                );
+            } else {
+                // The operator set only the buffer: a default must not stop the start.
+                notices.push(format!(
+                    "{MAX_BATCH_EVENTS} not set: using {buffer} (the {BUFFER_EVENTS} value) \
+                     instead of the default {batch}, since a request can never hold more \
+                     events than the whole buffer"
+                ));
+                *batch = buffer;
+            }
         }
         if let (Some(connection), Some(stream)) = (http2_connection_window, http2_stream_window)
             && connection < stream
@@ -698,6 +741,7 @@ impl TryFrom<Args> for Config {
             http2_connection_window,
             max_concurrent_streams,
             log_format,
+            notices,
         })
     }
 }
@@ -822,12 +866,36 @@ fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
     }
 }
 
+const ADDR_EXPECTED: &str =
+    "expected IP:port or host:port, e.g. 0.0.0.0:50051, [::]:50051 or localhost:50051";
+
+/// A listen address: `IP:port`, or `host:port` with the host name resolved now
+/// (start-up). Of several addresses the first IPv4 one is taken (else the
+/// first), so `localhost:50051` listens where most clients dial `localhost`.
 fn parse_socket_addr(raw: &str) -> Result<SocketAddr, String> {
-    raw.trim().parse().map_err(|_| {
-        format!(
-            "{raw:?} is not a socket address (expected IP:port, e.g. 0.0.0.0:50051 or [::]:50051)"
-        )
-    })
+    let s = raw.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let not_an_address = || format!("{raw:?} is not an address ({ADDR_EXPECTED})");
+    let (host, port) = s.rsplit_once(':').ok_or_else(not_an_address)?;
+    if host.is_empty() || host.contains([':', '[', ']', '/']) || host.contains(char::is_whitespace)
+    {
+        return Err(not_an_address());
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{raw:?} has no valid port (0..=65535; {ADDR_EXPECTED})"))?;
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{raw:?}: cannot resolve host {host:?} ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{raw:?}: host {host:?} resolves to no address"))
 }
 
 fn parse_amqp_url(raw: &str) -> Result<String, String> {
@@ -1102,6 +1170,7 @@ mod tests {
             buffer_bytes: "x".into(),
             max_event_bytes: "x".into(),
             max_batch_events: "x".into(),
+            max_batch_events_given: true,
             confirm_timeout: "x".into(),
             drain_timeout: "x".into(),
             channels: "x".into(),
@@ -1273,6 +1342,7 @@ mod tests {
             max_event_bytes: "2MiB".into(),
             buffer_events: "100".into(),
             max_batch_events: "101".into(),
+            max_batch_events_given: true,
             ..Args::default()
         });
         assert_eq!(errs.len(), 2, "{errs:#?}");
@@ -1331,6 +1401,124 @@ mod tests {
             ..Args::default()
         });
         assert_eq!(errs.len(), 1, "{errs:#?}");
+    }
+
+    #[test]
+    fn a_default_batch_limit_is_lowered_to_a_smaller_buffer() {
+        // INGEST_BUFFER_EVENTS=50 alone: the default 1000 must not stop the start.
+        let c = config(Args {
+            buffer_events: "50".into(),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.max_batch_events, 50);
+        assert_eq!(c.buffer_events, 50);
+        assert_eq!(
+            c.notices,
+            [
+                "--max-batch-events / INGEST_MAX_BATCH_EVENTS not set: using 50 (the \
+              --buffer-events / INGEST_BUFFER_EVENTS value) instead of the default 1000, \
+              since a request can never hold more events than the whole buffer"
+            ]
+        );
+        // Through clap: only the buffer given, as a flag.
+        let c = Config::from_args(["ingest", "--buffer-events", "50"]).unwrap();
+        assert_eq!((c.max_batch_events, c.notices.len()), (50, 1));
+        // A default at or below the buffer is left alone, silently.
+        let c = Config::from_args(["ingest", "--buffer-events", "1000"]).unwrap();
+        assert_eq!(c.max_batch_events, 1000);
+        assert!(c.notices.is_empty(), "{:?}", c.notices);
+        assert!(Config::default().notices.is_empty());
+    }
+
+    #[test]
+    fn an_explicit_batch_limit_above_the_buffer_is_an_error() {
+        let e = Config::from_args([
+            "ingest",
+            "--buffer-events",
+            "50",
+            "--max-batch-events",
+            "1000",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            [
+                "--max-batch-events / INGEST_MAX_BATCH_EVENTS: \"1000\" exceeds --buffer-events / \
+              INGEST_BUFFER_EVENTS \"50\": a batch larger than the whole buffer could never be \
+              admitted"
+            ]
+        );
+        // Given explicitly and equal to the default is still given.
+        let e = problems(Args {
+            buffer_events: "50".into(),
+            max_batch_events: DEFAULT_MAX_BATCH_EVENTS.into(),
+            max_batch_events_given: true,
+            ..Args::default()
+        });
+        assert_eq!(e.len(), 1, "{e:?}");
+        // A given value within the buffer is taken as is.
+        let c =
+            Config::from_args(["ingest", "--buffer-events=50", "--max-batch-events=20"]).unwrap();
+        assert_eq!(c.max_batch_events, 20);
+        assert!(c.notices.is_empty());
+    }
+
+    #[test]
+    fn listen_addresses_take_ips_and_host_names() {
+        for (raw, want) in [
+            ("0.0.0.0:50051", "0.0.0.0:50051"),
+            (" 127.0.0.1:1 ", "127.0.0.1:1"),
+            ("[::]:50051", "[::]:50051"),
+            ("[::1]:0", "[::1]:0"),
+        ] {
+            assert_eq!(parse_socket_addr(raw), Ok(want.parse().unwrap()), "{raw}");
+        }
+        // A host name is resolved at start; localhost is in every hosts file.
+        let addr = parse_socket_addr("localhost:50051").unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 50051);
+        let c = Config::from_args([
+            "ingest",
+            "--listen",
+            "localhost:6000",
+            "--admin-listen=localhost:6001",
+        ])
+        .unwrap();
+        assert!(
+            c.listen.ip().is_loopback() && c.listen.port() == 6000,
+            "{}",
+            c.listen
+        );
+        assert!(c.admin_listen.ip().is_loopback() && c.admin_listen.port() == 6001);
+
+        for bad in [
+            "localhost",
+            "nowhere",
+            ":50051",
+            "",
+            "a b:1",
+            "[::1",
+            "::1:x",
+        ] {
+            let e = parse_socket_addr(bad).unwrap_err();
+            assert!(e.contains("expected IP:port or host:port"), "{bad:?}: {e}");
+        }
+        for bad in ["localhost:99999", "localhost:", "localhost:http"] {
+            let e = parse_socket_addr(bad).unwrap_err();
+            assert!(e.contains("has no valid port"), "{bad:?}: {e}");
+        }
+        let errs = problems(Args {
+            admin_listen: "localhost".into(),
+            ..Args::default()
+        });
+        assert_eq!(
+            errs,
+            [
+                "--admin-listen / INGEST_ADMIN_LISTEN: \"localhost\" is not an address (expected \
+              IP:port or host:port, e.g. 0.0.0.0:50051, [::]:50051 or localhost:50051)"
+            ]
+        );
     }
 
     #[test]
