@@ -136,6 +136,7 @@ impl App {
             draining,
             metrics,
         } = self;
+        let admin_addr = admin.local_addr();
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -183,8 +184,14 @@ impl App {
         ))
         .max_decoding_message_size(max_message);
 
-        let local = listener.local_addr().ok();
-        tracing::info!(listen = ?local, max_message, buffer_events = config.buffer_events, buffer_bytes = config.buffer_bytes, "serving gRPC");
+        tracing::info!(
+            listen = %shown_addr(listener.local_addr()),
+            admin = %shown_addr(admin_addr),
+            max_message,
+            buffer_events = config.buffer_events,
+            buffer_bytes = config.buffer_bytes,
+            "serving gRPC"
+        );
 
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(
@@ -249,6 +256,11 @@ impl App {
         tracing::info!("drained; bye");
         Ok(())
     }
+}
+
+/// A listener's address for the logs: `0.0.0.0:50051`, not `Some(0.0.0.0:50051)`.
+fn shown_addr(addr: std::io::Result<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
 }
 
 /// Binds the gRPC and admin listeners from `config` and runs the service until

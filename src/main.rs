@@ -17,6 +17,9 @@ async fn main() -> ExitCode {
         }
     };
     let telemetry = ingest::telemetry::init(config.log_format);
+    for notice in &config.notices {
+        tracing::info!("{notice}");
+    }
     let result = ingest::run(config, ingest::shutdown::signal()).await;
     if let Err(error) = &result {
         tracing::error!(%error, "ingest stopped");
