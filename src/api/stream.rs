@@ -20,13 +20,18 @@ use super::status;
 use crate::{
     admission::{Admission, Permit},
     proto::PublishRequest,
-    publisher::{self, BatchOutcome, Pending, PublishError, Publisher},
+    publisher::{self, BatchOutcome, Lane, Pending, PublishError, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
     validate::{self, Limits, ValidEvent},
 };
 
 /// Trailing metadata naming how many leading events of the stream were confirmed.
 pub const CONFIRMED_COUNT: &str = "ingest-confirmed-count";
+
+/// Batches of one stream sent and not yet taken in. Past it the stream reads no
+/// further until the oldest is settled: settled outcomes queued behind an unsettled
+/// batch no longer hold a permit, and must not pile up without a bound.
+const MAX_BATCHES_IN_FLIGHT: usize = 4096;
 
 /// What one stream needs from the service.
 pub(super) struct StreamContext<'a> {
@@ -46,9 +51,9 @@ pub(super) async fn run(
     ctx: StreamContext<'_>,
     mut stream: Streaming<PublishRequest>,
 ) -> Result<u64, Status> {
-    let lane = ctx.publisher.lane();
+    let mut lane = ctx.publisher.lane();
     let mut progress = Progress::default();
-    let ended = read_all(&ctx, &mut stream, &mut progress, lane).await;
+    let ended = read_all(&ctx, &mut stream, &mut progress, &mut lane).await;
     // Whatever ended the read, every batch already sent is settled before answering,
     // so the confirmed count is exact. A batch failure (earlier events) wins over what
     // ended the read (later ones). After a failure, later batches settle in their tasks.
@@ -73,10 +78,13 @@ async fn read_all(
     ctx: &StreamContext<'_>,
     stream: &mut Streaming<PublishRequest>,
     progress: &mut Progress,
-    lane: usize,
+    lane: &mut Lane,
 ) -> Result<(), Status> {
     let mut next_index: u64 = 0;
     loop {
+        if progress.in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+            progress.settle_oldest(ctx.draining).await?;
+        }
         // Room for one event first: until there is some, the next message stays unread.
         let token = progress
             .settling(ctx.draining, ctx.admission.admit_stream(1, 1))
@@ -139,7 +147,7 @@ async fn read_all(
                 .inspect_err(|_| ctx.metrics.rejected(Reason::Invalid, n))?;
             let pending = ctx
                 .publisher
-                .publish(valid, permit, Some(lane), ctx.incoming)
+                .publish(valid, permit, Some(&mut *lane), ctx.incoming)
                 .map_err(|e| {
                     ctx.metrics.rejected(publisher::reason(&e), n);
                     status::publish_failed(&e, None)
@@ -198,8 +206,10 @@ async fn admit_rest(
 struct Progress {
     /// Leading events confirmed so far.
     confirmed: u64,
-    /// Batches sent and not yet settled, oldest first. Bounded by admission: each one
-    /// holds its permit until settled.
+    /// Batches sent and not yet taken in, oldest first. A batch's task holds its
+    /// permit until the batch settles and drops it before answering, so an entry that
+    /// settled behind an older, unsettled one holds only its small outcome: admission
+    /// bounds the unsettled entries, [`MAX_BATCHES_IN_FLIGHT`] all of them.
     in_flight: FuturesOrdered<Pending>,
     /// A batch failed: the confirmed prefix ends there.
     failed: bool,
@@ -223,6 +233,16 @@ impl Progress {
                 }
                 output = &mut work => return Ok(output),
             }
+        }
+    }
+
+    /// Waits for the oldest batch in flight to settle, or for draining to begin.
+    async fn settle_oldest(&mut self, draining: &CancellationToken) -> Result<(), Status> {
+        tokio::select! {
+            biased;
+            () = draining.cancelled() => Err(status::shutting_down()),
+            Some(outcome) = self.in_flight.next() => self.record(outcome),
+            else => Ok(()),
         }
     }
 

@@ -11,12 +11,12 @@ mod supervisor;
 
 use std::{
     future::Future,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -134,6 +134,16 @@ pub struct BatchFailure {
     pub failed: usize,
 }
 
+/// One caller's ordered sequence of batches (see [`Publisher::lane`]).
+#[derive(Debug)]
+pub struct Lane {
+    /// Which pool channel the lane's batches prefer.
+    index: usize,
+    /// Resolves once the lane's latest batch has queued its frames with lapin, or gave
+    /// up; the next batch waits for it. `None` before the first batch.
+    previous: Option<oneshot::Receiver<()>>,
+}
+
 /// A cheap handle to the publisher; clones share one connection.
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -218,16 +228,28 @@ impl Publisher {
         self.shared.state.subscribe()
     }
 
-    /// A channel lane for a caller that wants all its batches on one channel (keeping
-    /// their order on the broker), e.g. a stream.
-    pub fn lane(&self) -> usize {
-        self.shared.next.fetch_add(1, Ordering::Relaxed)
+    /// A lane for a caller whose batches must reach the broker in the order it
+    /// publishes them, e.g. a stream: they all go to one channel, each after the one
+    /// before it.
+    pub fn lane(&self) -> Lane {
+        Lane {
+            index: self.shared.next.fetch_add(1, Ordering::Relaxed),
+            previous: None,
+        }
     }
 
     /// Publishes `events` in order on one channel and settles each of them; the
     /// returned [`Pending`] resolves to the outcome. The work runs in its own task
     /// holding `permit`, bounded by admission: dropping `Pending` (a cancelled caller)
     /// does not cancel the publish, it only stops listening.
+    ///
+    /// Order: the work is polled once here, on the caller's task, before it is spawned.
+    /// That first poll hands every frame of the batch to lapin's queue for the channel
+    /// (`basic_publish` queues its frames before its first await), so batches a caller
+    /// publishes one after another reach the channel in that order whatever the runtime
+    /// does with the tasks; only the confirms are awaited concurrently. A batch that
+    /// cannot send at once (the broker blocks publishers) waits in its task, and the
+    /// later batches of its `lane` wait behind it.
     ///
     /// Tracing: a producer span per batch, a child of the caller's current span; its
     /// context (or, with tracing off, the caller's `incoming` context) goes into every
@@ -236,13 +258,13 @@ impl Publisher {
         &self,
         events: Vec<ValidEvent>,
         permit: Permit,
-        lane: Option<usize>,
+        lane: Option<&mut Lane>,
         incoming: &trace::Incoming,
     ) -> Result<Pending, PublishError> {
         if self.shared.stop.is_cancelled() {
             return Err(PublishError::ShuttingDown);
         }
-        let (channel, frame_max) = self.channel(lane)?;
+        let (channel, frame_max) = self.channel(lane.as_ref().map(|l| l.index))?;
         if frame_max > 0
             && let Some((index, size)) = events
                 .iter()
@@ -261,14 +283,33 @@ impl Publisher {
         let deadline = Instant::now() + shared.settings.confirm_timeout;
         let producer = producer_span(&shared.settings.exchange, &events);
         let headers = trace::outgoing_headers(&producer, incoming);
+        // The lane's previous batch, and the signal this one gives its successor once
+        // its frames are queued (or it gave up).
+        let (previous, sent) = match lane {
+            Some(lane) => {
+                let (sent, next) = oneshot::channel();
+                (lane.previous.replace(next), Some(sent))
+            }
+            None => (None, None),
+        };
         let work = async move {
-            let outcome = publish_batch(&shared, &channel, &events, &headers, deadline).await;
+            if let Some(previous) = previous {
+                // Sent or gave up: either way this batch goes next.
+                let _ = previous.await;
+            }
+            let outcome = publish_batch(&shared, &channel, &events, &headers, deadline, sent).await;
             // Settled: give the room back before answering, so a caller that retries
             // at once finds it free.
             drop(permit);
             let _ = tx.send(outcome);
         };
-        tokio::spawn(work.instrument(producer));
+        let mut work = Box::pin(work.instrument(producer));
+        // The first poll, here on the caller's task, queues the batch's frames (see
+        // above); the task it is then spawned in polls it with a real waker.
+        let mut first_poll = Context::from_waker(Waker::noop());
+        if work.as_mut().poll(&mut first_poll).is_pending() {
+            tokio::spawn(work);
+        }
         Ok(Pending(rx))
     }
 
@@ -287,7 +328,7 @@ impl Publisher {
             .clone()
             .ok_or(PublishError::Disconnected)?;
         let n = pool.channels.len();
-        let start = lane.unwrap_or_else(|| self.lane());
+        let start = lane.unwrap_or_else(|| self.shared.next.fetch_add(1, Ordering::Relaxed));
         // Prefer the chosen channel; skip over one the broker closed until it is replaced.
         for i in 0..n {
             let channel = &pool.channels[(start + i) % n];
@@ -332,6 +373,7 @@ async fn publish_batch(
     events: &[ValidEvent],
     headers: &[(&'static str, String)],
     deadline: Instant,
+    sent: Option<oneshot::Sender<()>>,
 ) -> BatchOutcome {
     if shared.state.borrow().blocked && !wait_unblocked(shared, deadline).await {
         return BatchOutcome {
@@ -346,23 +388,32 @@ async fn publish_batch(
     }
     // `join_all` polls every publish once, in order, before awaiting any confirm:
     // the whole batch is pipelined on the channel, in order.
-    let results = futures::future::join_all(events.iter().map(|event| async {
-        let started = Instant::now();
-        let result = amqp::publish_one(
-            channel,
-            &shared.exchange,
-            event,
-            headers,
-            deadline,
-            shared.settings.accept_unroutable,
-        )
-        .await;
-        if result.is_ok() {
-            shared.metrics.confirm_latency(started.elapsed());
+    let mut publishes = pin!(futures::future::join_all(events.iter().map(
+        |event| async {
+            let started = Instant::now();
+            let result = amqp::publish_one(
+                channel,
+                &shared.exchange,
+                event,
+                headers,
+                deadline,
+                shared.settings.accept_unroutable,
+            )
+            .await;
+            if result.is_ok() {
+                shared.metrics.confirm_latency(started.elapsed());
+            }
+            result
         }
-        result
-    }))
-    .await;
+    )));
+    let results = match futures::poll!(publishes.as_mut()) {
+        Poll::Ready(results) => results,
+        Poll::Pending => {
+            // Every frame of the batch is queued: the lane's next batch may go.
+            drop(sent);
+            publishes.await
+        }
+    };
     let mut outcome = BatchOutcome {
         events: events.len(),
         confirmed: 0,
