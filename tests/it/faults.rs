@@ -8,12 +8,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    AMQP_ADDR, FaultProxy, Mode, TestQueue, connect_broker, json_event, publish_until_ok, request,
-    run_load, spawn_server, test_config, unique,
+    AMQP_ADDR, FaultProxy, Mode, TestQueue, assert_exactly_once, connect_broker, json_event,
+    publish_until_ok, request, run_load, spawn_server, test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
 const GUARD: Duration = Duration::from_secs(20);
+/// How long the queue must hold still before it is read, so late duplicates show.
+const SETTLE: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_absent_at_start_is_not_serving_and_fails_fast_then_recovers() {
@@ -117,11 +119,9 @@ async fn stalled_broker_pushes_back_unary_callers_and_admitted_calls_complete() 
         confirmed.insert(id);
     }
     assert_eq!(confirmed.len(), BUFFER);
-    let landed: BTreeSet<String> = queue.message_ids().await.into_iter().collect();
-    assert_eq!(
-        landed, confirmed,
-        "the queue holds exactly the acknowledged events"
-    );
+    // The queue holds exactly the acknowledged events, each once.
+    let landed = queue.settled_message_ids(SETTLE).await;
+    assert_exactly_once(&landed, &confirmed);
     server.wait_admission_idle(GUARD).await;
 
     server.stop().await.unwrap();

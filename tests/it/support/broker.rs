@@ -4,6 +4,7 @@
 //! gets a random suffix, queues expire on their own if a test crashes before
 //! [`TestQueue::cleanup`], and nothing relies on global broker state.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -256,6 +257,28 @@ impl TestQueue {
         ids
     }
 
+    /// Like [`TestQueue::message_ids`], once the queue has settled: its count has not
+    /// changed for `settle`, so late arrivals (duplicates, retries) are read too.
+    /// Panics if it is still changing after 30 s.
+    pub async fn settled_message_ids(&self, settle: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut last = self.count().await;
+        let mut since = tokio::time::Instant::now();
+        while since.elapsed() < settle {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue {} kept changing (now {last} messages)",
+                self.queue
+            );
+            tokio::time::sleep(POLL).await;
+            let count = self.count().await;
+            if count != last {
+                (last, since) = (count, tokio::time::Instant::now());
+            }
+        }
+        self.message_ids().await
+    }
+
     /// Publishes `payload` straight to the exchange (bypassing the service)
     /// and waits for the broker's confirm — for seeding or checking routing.
     pub async fn publish(&self, routing_key: &str, payload: &[u8]) {
@@ -303,4 +326,44 @@ impl TestQueue {
             .await;
         let _ = self.connection.close(200, "OK".into()).await;
     }
+}
+
+/// Asserts that `landed` (message ids read from a queue) holds every id of `expected`
+/// exactly once and nothing else, naming the duplicates, the missing and the
+/// unexpected ids. A set of the landed ids would hide duplicates.
+#[track_caller]
+pub fn assert_exactly_once<'a>(landed: &[String], expected: impl IntoIterator<Item = &'a String>) {
+    let mut times: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in landed {
+        *times.entry(id.as_str()).or_default() += 1;
+    }
+    let expected: BTreeSet<&str> = expected.into_iter().map(String::as_str).collect();
+    let duplicated: Vec<(&str, usize)> = times
+        .iter()
+        .filter(|&(_, &n)| n > 1)
+        .map(|(&id, &n)| (id, n))
+        .collect();
+    let missing: Vec<&str> = expected
+        .iter()
+        .copied()
+        .filter(|id| !times.contains_key(id))
+        .collect();
+    let unexpected: Vec<&str> = times
+        .keys()
+        .copied()
+        .filter(|id| !expected.contains(id))
+        .collect();
+    assert!(
+        duplicated.is_empty() && missing.is_empty() && unexpected.is_empty(),
+        "{} messages landed for {} expected ids: {} ids more than once {:?}, {} missing \
+         {:?}, {} unexpected {:?}",
+        landed.len(),
+        expected.len(),
+        duplicated.len(),
+        duplicated.iter().take(5).collect::<Vec<_>>(),
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        unexpected.len(),
+        unexpected.iter().take(5).collect::<Vec<_>>(),
+    );
 }

@@ -9,7 +9,7 @@ mod private_node;
 mod proxy;
 mod server;
 
-pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, connect_broker, unique};
+pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, assert_exactly_once, connect_broker, unique};
 pub use child::ChildServer;
 pub use load::{LoadReport, run_load};
 pub use private_node::PrivateNode;
