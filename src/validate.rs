@@ -233,6 +233,13 @@ pub fn validate_event(
     if !event.content_type.is_empty() {
         let ct_field = field("content_type");
         check_short_string(&event.content_type, MAX_SHORT_STRING, &ct_field, violations);
+        if !event.content_type.is_ascii() {
+            // A MIME type is ASCII (RFC 2045); consumers match it byte for byte.
+            violations.push(violation(
+                ct_field.clone(),
+                "must be ASCII (a MIME type such as application/json)",
+            ));
+        }
         if is_json(&event.content_type)
             && event.payload.len() <= limits.max_event_bytes
             && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&event.payload)
@@ -383,7 +390,8 @@ fn check_short_string(value: &str, max: usize, field: &str, violations: &mut Vec
 fn is_json(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     essence.eq_ignore_ascii_case("application/json")
-        || essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case("+json")
+        || essence.len() > 5
+            && essence.as_bytes()[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 fn violation(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
@@ -515,6 +523,16 @@ mod tests {
         text.content_type = "text/plain".into();
         text.payload = Bytes::from_static(b"{not json");
         assert!(validate_batch(vec![text], &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn non_ascii_content_types_are_refused_not_sliced() {
+        // A byte offset 5 from the end falls inside a character in each of these.
+        for ct in ["ééé", "a+jsoné", "\u{1F600}\u{1F600}", "é+json"] {
+            let mut e = event("t");
+            e.content_type = ct.into();
+            assert_eq!(fields(vec![e]), vec!["events[0].content_type"], "{ct:?}");
+        }
     }
 
     #[test]
