@@ -1,6 +1,8 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (connected to RabbitMQ and not draining), for Kubernetes probes,
-//! load balancers and scrapers that do not speak gRPC.
+//! alive) and `/readyz` (connected to RabbitMQ and not draining; when not, the body says
+//! why, e.g. `not connected to RabbitMQ: authentication refused for user guest — check
+//! INGEST_AMQP_URL`), for Kubernetes probes, load balancers and scrapers that do not
+//! speak gRPC.
 
 use std::future::Future;
 
@@ -8,12 +10,17 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{publisher::BrokerState, telemetry::Metrics};
+use crate::{
+    publisher::{BrokerState, LastError},
+    telemetry::Metrics,
+};
 
 #[derive(Clone)]
 struct Admin {
     metrics: Metrics,
     broker: watch::Receiver<BrokerState>,
+    /// Why the broker is not connected, shown in `/readyz`.
+    last_error: LastError,
     draining: CancellationToken,
 }
 
@@ -22,6 +29,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     broker: watch::Receiver<BrokerState>,
+    last_error: LastError,
     draining: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -32,6 +40,7 @@ pub async fn serve(
         .with_state(Admin {
             metrics,
             broker,
+            last_error,
             draining,
         });
     axum::serve(listener, app)
@@ -46,16 +55,17 @@ async fn metrics_text(State(admin): State<Admin>) -> ([(&'static str, &'static s
     )
 }
 
-async fn ready(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+async fn ready(State(admin): State<Admin>) -> (StatusCode, String) {
     if admin.draining.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned());
     }
     let state = *admin.broker.borrow();
     if !state.connected {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not connected to RabbitMQ\n",
-        );
+        let body = match admin.last_error.get() {
+            Some(reason) => format!("not connected to RabbitMQ: {reason}\n"),
+            None => "not connected to RabbitMQ (connecting)\n".to_owned(),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, body);
     }
-    (StatusCode::OK, "ready\n")
+    (StatusCode::OK, "ready\n".to_owned())
 }

@@ -142,6 +142,7 @@ impl App {
             admin,
             metrics.clone(),
             publisher.watch_state(),
+            publisher.last_error(),
             draining.clone(),
             admin_stop.clone().cancelled_owned(),
         ));

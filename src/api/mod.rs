@@ -18,7 +18,7 @@ use self::call::Call;
 use crate::{
     admission::{Admission, AdmitError},
     proto::{Event, PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
-    publisher::{self, PublishError, Publisher},
+    publisher::{self, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
     validate::{self, Limits},
 };
@@ -180,7 +180,7 @@ impl IngestService {
         }
         // Fail fast while the broker is away, before any other work.
         if !self.publisher.state().connected {
-            let status = status::publish_failed(&PublishError::Disconnected, None);
+            let status = status::disconnected(self.publisher.last_error().get().as_deref());
             return Err(reject(Reason::Unavailable, status));
         }
         // Overloaded: refuse before any per-event work (validation, ids, copies), so

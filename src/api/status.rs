@@ -88,6 +88,21 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
     }
 }
 
+/// A unary call refused at once because the broker is not connected; `reason` says
+/// why, when known (e.g. `authentication refused for user guest — check
+/// INGEST_AMQP_URL`), so the caller's error names the cause, not just an outage.
+pub(crate) fn disconnected(reason: Option<&str>) -> Status {
+    let status = publish_failed(&PublishError::Disconnected, None);
+    match reason {
+        Some(reason) => Status::with_error_details(
+            status.code(),
+            format!("{}: {reason}", status.message()),
+            ErrorDetails::with_retry_info(Some(UNAVAILABLE_RETRY)),
+        ),
+        None => status,
+    }
+}
+
 /// A batch in which some event was not confirmed.
 pub(crate) fn batch_failed(failure: &BatchFailure, events: usize) -> Status {
     let mut status = publish_failed(&failure.error, Some(format!("events[{}]", failure.index)));

@@ -7,7 +7,10 @@
 //! channel error), whether or not the caller is still waiting for the answer.
 
 mod amqp;
+mod last_error;
 mod supervisor;
+
+pub use last_error::LastError;
 
 use std::{
     future::Future,
@@ -172,6 +175,8 @@ struct Shared {
     /// Confirm latency and outcomes, counted where they are settled (so also for
     /// callers that went away).
     metrics: Metrics,
+    /// Why the broker is not connected (the supervisor writes it).
+    last_error: LastError,
 }
 
 #[derive(Debug)]
@@ -213,6 +218,7 @@ impl Publisher {
             next: AtomicUsize::new(0),
             stop: CancellationToken::new(),
             metrics,
+            last_error: LastError::default(),
         });
         let task = tokio::spawn(supervisor::run(Arc::clone(&shared)));
         Ok((Self { shared }, task))
@@ -226,6 +232,12 @@ impl Publisher {
     /// Follows the broker state.
     pub fn watch_state(&self) -> watch::Receiver<BrokerState> {
         self.shared.state.subscribe()
+    }
+
+    /// Why the broker is not connected: the last connection failure, e.g. an
+    /// authentication refusal, for readiness and for callers refused meanwhile.
+    pub fn last_error(&self) -> LastError {
+        self.shared.last_error.clone()
     }
 
     /// A lane for a caller whose batches must reach the broker in the order it

@@ -13,7 +13,7 @@ use lapin::{
 };
 use tokio::time::{sleep, timeout};
 
-use super::{BrokerState, Pool, Shared};
+use super::{BrokerState, Pool, Shared, last_error};
 
 /// First retry delay; doubles per failed attempt up to the configured cap.
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -27,6 +27,24 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// Closing waits at most this long: lapin's `close` hangs on a blocked connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why a connection attempt failed.
+struct Failure {
+    /// One line for the logs, `/readyz` and callers.
+    reason: String,
+    /// The broker refused the credentials or the vhost: retrying will not help until
+    /// someone fixes the configuration.
+    refused: bool,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            refused: false,
+        }
+    }
+}
+
 pub(super) async fn run(shared: Arc<Shared>) {
     let mut attempt: u32 = 0;
     loop {
@@ -34,14 +52,21 @@ pub(super) async fn run(shared: Arc<Shared>) {
             biased;
             () = shared.stop.cancelled() => return,
             result = timeout(CONNECT_TIMEOUT, connect(&shared)) => {
-                result.unwrap_or_else(|_| Err("connect timed out".into()))
+                result.unwrap_or_else(|_| Err(Failure::from("connect timed out".to_owned())))
             }
         };
         match connected {
             Ok(connection) => {
                 attempt = 0;
+                shared.last_error.set(None);
                 tracing::info!(exchange = %shared.settings.exchange, channels = shared.settings.channels, "connected to RabbitMQ");
                 let reason = watch(&shared, &connection).await;
+                if !shared.stop.is_cancelled() {
+                    // Before the state turns: whoever sees "disconnected" sees why.
+                    shared
+                        .last_error
+                        .set(Some(&format!("lost the connection: {reason}")));
+                }
                 let pool = shared.pool.read().ok().and_then(|p| p.clone());
                 set_pool(&shared, None);
                 shared.state.send_replace(BrokerState::default());
@@ -64,8 +89,20 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 }
                 tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
             }
-            Err(error) => {
-                tracing::warn!(%error, attempt, "cannot connect to RabbitMQ");
+            // Each new reason is logged once; the same one again on every retry only at
+            // debug (a wrong password would otherwise fill the log), while `/readyz`
+            // and the callers' UNAVAILABLE keep showing it.
+            Err(failure) => {
+                let error = failure.reason.as_str();
+                let new = shared.last_error.set(Some(error));
+                const RETRYING: &str = "cannot connect to RabbitMQ; retrying (the same error again is logged at debug)";
+                match (new, failure.refused) {
+                    (true, true) => tracing::error!(error = %error, attempt, "{RETRYING}"),
+                    (true, false) => tracing::warn!(error = %error, attempt, "{RETRYING}"),
+                    (false, _) => {
+                        tracing::debug!(error = %error, attempt, "cannot connect to RabbitMQ")
+                    }
+                }
             }
         }
         let delay = backoff(attempt, shared.settings.reconnect_max_backoff);
@@ -79,18 +116,22 @@ pub(super) async fn run(shared: Arc<Shared>) {
 
 /// Opens the connection, the topology and the channels, and installs the pool. A
 /// connection whose setup fails is closed, not left to linger until the broker notices.
-async fn connect(shared: &Shared) -> Result<Connection, String> {
+async fn connect(shared: &Shared) -> Result<Connection, Failure> {
     let properties = ConnectionProperties::default().with_connection_name("ingest".into());
     let mut uri: AMQPUri = shared.settings.amqp_url.parse()?;
     // Without heartbeats a silently dead broker (a cut cable, a black-holed address) is
     // noticed only when TCP gives up, minutes later; RabbitMQ proposes 60 s.
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    let user = uri.authority.userinfo.username.clone();
     let connection = Connection::connect_uri(uri, properties)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure {
+            reason: last_error::describe(&e, &user),
+            refused: last_error::is_refusal(&e),
+        })?;
     if let Err(error) = setup(shared, &connection).await {
         let _ = timeout(CLOSE_TIMEOUT, connection.close(200, "setup failed".into())).await;
-        return Err(error);
+        return Err(error.into());
     }
     Ok(connection)
 }

@@ -27,9 +27,13 @@ pub use metrics::{Metrics, Reason};
 
 use crate::config::LogFormat;
 
-/// lapin logs every returned (unroutable) message at `warn`: a line per event. The
-/// service reports those to the caller instead, so lapin is quieter by default.
-const DEFAULT_FILTER: &str = "info,lapin=error";
+/// lapin's own lines stay out of the default log: it logs every returned (unroutable)
+/// message at `warn` (a line per event, which the service reports to the caller
+/// instead), and on every failed connection attempt a burst of ERROR lines, one saying
+/// "backoff attempts exhausted, aborting recovery" while ingest keeps retrying. The
+/// supervisor logs each connection failure itself, once per new reason.
+/// `RUST_LOG=info,lapin=warn` shows them again.
+const DEFAULT_FILTER: &str = "info,lapin=off";
 
 /// The standard variables that turn OTLP export on.
 const OTLP_ENDPOINT_VARS: [&str; 2] = [

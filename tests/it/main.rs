@@ -2,6 +2,7 @@ mod bench_smoke;
 mod broker_node;
 mod examples;
 mod faults;
+mod first_run;
 mod observability;
 mod private_node_selftest;
 mod publish;
