@@ -312,9 +312,11 @@ async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_ot
                 .await
                 .unwrap();
         }
-        while queue.count().await < 5 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eq!(
+            queue.wait_for_count(5, GUARD).await,
+            5,
+            "the first 5 events did not land within {GUARD:?}"
+        );
         proxy.set_mode(Mode::Refuse);
         server.wait_health(ServingStatus::NotServing, GUARD).await;
         for id in &ids[5..] {
@@ -450,10 +452,13 @@ async fn a_channel_whose_confirm_timed_out_is_replaced() {
     let mut client = server.ready_client().await;
 
     proxy.set_mode(Mode::Stall);
-    let status = client
-        .publish(request(vec![json_event("t", "late", "{}")]))
-        .await
-        .unwrap_err();
+    let status = tokio::time::timeout(
+        GUARD,
+        client.publish(request(vec![json_event("t", "late", "{}")])),
+    )
+    .await
+    .expect("the 500 ms confirm timeout must answer the caller")
+    .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     proxy.set_mode(Mode::Forward);
 

@@ -27,6 +27,10 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// permanent litter on the shared broker.
 const QUEUE_EXPIRES_MS: i32 = 600_000;
 
+/// Longest wait for one answer from the broker to a test's own request: it is local
+/// and idle enough to answer in milliseconds, so waiting longer means it is stuck.
+const BROKER_ANSWER: Duration = Duration::from_secs(10);
+
 /// How often polling helpers re-check the queue depth.
 const POLL: Duration = Duration::from_millis(25);
 
@@ -146,18 +150,26 @@ impl TestQueue {
         }
     }
 
-    /// Number of ready messages, via a passive `queue.declare`.
+    /// Number of ready messages, via a passive `queue.declare`. Panics if the broker
+    /// does not answer within [`BROKER_ANSWER`].
     pub async fn count(&self) -> u32 {
-        self.channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let declare = self.channel.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        );
+        tokio::time::timeout(BROKER_ANSWER, declare)
             .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the broker did not answer a passive declare of queue {} within \
+                     {BROKER_ANSWER:?}",
+                    self.queue
+                )
+            })
             .expect("passive declare of test queue")
             .message_count()
     }
@@ -195,22 +207,31 @@ impl TestQueue {
 
     /// Removes and acks every message currently in the queue, in queue order.
     pub async fn take_all(&self) -> Vec<BasicGetMessage> {
+        let stuck = |what: &str| {
+            format!(
+                "the broker did not answer {what} on queue {} within {BROKER_ANSWER:?}",
+                self.queue
+            )
+        };
         let mut messages = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
-            .await
-            .expect("basic_get from test queue")
-        {
-            message
-                .delivery
-                .acker
-                .ack(BasicAckOptions::default())
+        loop {
+            let get = self
+                .channel
+                .basic_get(self.queue.as_str().into(), BasicGetOptions::default());
+            let Some(message) = tokio::time::timeout(BROKER_ANSWER, get)
                 .await
+                .unwrap_or_else(|_| panic!("{}", stuck("basic_get")))
+                .expect("basic_get from test queue")
+            else {
+                return messages;
+            };
+            let ack = message.delivery.acker.ack(BasicAckOptions::default());
+            tokio::time::timeout(BROKER_ANSWER, ack)
+                .await
+                .unwrap_or_else(|_| panic!("{}", stuck("ack")))
                 .expect("ack test message");
             messages.push(message);
         }
-        messages
     }
 
     /// Drains the queue and returns each message's `message_id` property, in

@@ -105,20 +105,28 @@ impl TestServer {
         IngestClient::connect(self.url()).await.unwrap()
     }
 
+    /// The health of `service` (`""`: overall); panics if the service does not
+    /// answer within 10 s.
     pub async fn health(&self, service: &str) -> ServingStatus {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
+        const ANSWER: Duration = Duration::from_secs(10);
+        let check = async {
+            let channel = Channel::from_shared(self.url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut health = HealthClient::new(channel);
+            let response = health
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .unwrap();
+            response.into_inner().status()
+        };
+        tokio::time::timeout(ANSWER, check)
             .await
-            .unwrap();
-        let mut health = HealthClient::new(channel);
-        let response = health
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .unwrap();
-        response.into_inner().status()
+            .unwrap_or_else(|_| panic!("health check of {service:?} unanswered after {ANSWER:?}"))
     }
 
     /// Waits until the overall health is `status`; panics after `timeout`.
