@@ -27,6 +27,29 @@ const { parseArgs } = require('node:util');
 
 const PROG = 'publish.js';
 const INSTALL_HINT = 'npm ci --prefix examples/node';
+const USAGE = `usage: INGEST_ADDR=host:port node ${PROG} [--topic T] [--id ID] [--max-attempts N] [--timeout SECONDS]`;
+const HELP = `${USAGE}
+
+Publish one JSON event to ingest (ingest.v1.Ingest/Publish) and wait for the broker's
+confirm, retrying with the same id after the server's RetryInfo delay.
+
+options:
+  --addr HOST:PORT    server address (default: $INGEST_ADDR or 127.0.0.1:50051)
+  --topic T           topic, the AMQP routing key (default: examples.node)
+  --id ID             event id, the AMQP message_id (default: node-<random uuid>)
+  --max-attempts N    attempts at most (default: 20)
+  --timeout SECONDS   deadline of each attempt (default: 30)
+  -h, --help          show this help and exit
+
+Prints the confirmed id on stdout, progress and errors on stderr. Exit status: 0 when
+the event was confirmed, 1 when it was not, 2 for bad arguments or missing packages
+(${INSTALL_HINT}).`;
+
+// --help works before the packages are installed.
+if (process.argv.slice(2).some((a) => a === '--help' || a === '-h')) {
+  console.log(HELP);
+  process.exit(0);
+}
 
 let grpc, protoLoader, protobuf;
 try {
@@ -189,9 +212,7 @@ async function publishWithRetry(client, request, { maxAttempts, timeoutMs }) {
 
 function usage(message) {
   console.error(`${PROG}: ${message}`);
-  console.error(
-    `usage: INGEST_ADDR=host:port node ${PROG} [--topic T] [--id ID] [--max-attempts N] [--timeout SECONDS]`,
-  );
+  console.error(`${USAGE}\n(--help for more)`);
   process.exit(2);
 }
 
@@ -205,6 +226,7 @@ async function main() {
         id: { type: 'string', default: `node-${crypto.randomUUID()}` },
         'max-attempts': { type: 'string', default: '20' },
         timeout: { type: 'string', default: '30' },
+        help: { type: 'boolean', short: 'h' },
       },
     }));
   } catch (e) {

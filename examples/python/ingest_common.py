@@ -16,7 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-INSTALL_HINT = "python3 -m pip install -r examples/python/requirements.txt"
+INSTALL_HINT = (
+    "scripts/run or scripts/test put them in .venv (then run the examples with "
+    ".venv/bin/python), or: python3 -m pip install -r examples/python/requirements.txt"
+)
 
 try:
     import grpc
