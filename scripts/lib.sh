@@ -16,7 +16,7 @@ PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 say() { echo "== $*" >&2; }
 die() {
-  echo "${0##*/}: $*" >&2
+  echo "scripts/${0##*/}: $*" >&2
   exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -80,9 +80,10 @@ ensure_venv() {
   fi
   if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c '' 2>/dev/null; then
     if ! venv_works; then
-      apt_install python3-venv && venv_works ||
+      if ! { apt_install python3-venv && venv_works; }; then
         die "python3 -m venv does not work here: install it (Debian/Ubuntu: sudo apt-get \
 install python3-venv) and run this again."
+      fi
     fi
     rm -rf "$venv"
     say "creating .venv ($(python3 --version 2>&1))"
