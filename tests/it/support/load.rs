@@ -8,9 +8,10 @@ use std::{
     time::Duration,
 };
 
-use ingest::proto::ingest_client::IngestClient;
+use ingest::{api::CONFIRMED_COUNT, proto::ingest_client::IngestClient};
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tokio_util::sync::CancellationToken;
+use tonic::{metadata::MetadataMap, transport::Channel};
 use tonic_types::StatusExt;
 
 use super::{TestQueue, json_event, request, unique};
@@ -29,6 +30,19 @@ pub struct LoadReport {
     pub errored: BTreeMap<String, usize>,
     /// Calls and streams made.
     pub calls: usize,
+    /// Streams the service answered, by how they ended: `"Ok"` or the status code.
+    pub stream_answers: BTreeMap<String, usize>,
+    /// Stream answers without a valid `ingest-confirmed-count` (on OK too, where it
+    /// must equal the events confirmed): a broken promise of the API, never counted
+    /// as "0 confirmed".
+    pub streams_without_count: Vec<String>,
+    /// Calls that ended in the transport (connection refused or reset, stream reset)
+    /// rather than with a status from the service. The service never answered them,
+    /// so they say nothing about what it does; their events count as errors under
+    /// `"transport <code>"`.
+    pub transport_failures: Vec<String>,
+    /// How long each unary call answered OK took, in the order they ended.
+    pub ok_latencies: Vec<Duration>,
 }
 
 impl LoadReport {
@@ -39,6 +53,13 @@ impl LoadReport {
             *self.errored.entry(code).or_default() += n;
         }
         self.calls += other.calls;
+        for (code, n) in other.stream_answers {
+            *self.stream_answers.entry(code).or_default() += n;
+        }
+        self.streams_without_count
+            .extend(other.streams_without_count);
+        self.transport_failures.extend(other.transport_failures);
+        self.ok_latencies.extend(other.ok_latencies);
     }
 
     /// Events that got an explicit error.
@@ -69,6 +90,16 @@ impl LoadReport {
             self.errored,
             totals.landed,
             totals.lost.len()
+        );
+        assert!(
+            self.streams_without_count.is_empty(),
+            "stream answers without a valid {CONFIRMED_COUNT}: {:?}",
+            self.streams_without_count
+        );
+        assert!(
+            self.transport_failures.is_empty(),
+            "calls the service never answered (failed in the transport): {:?}",
+            self.transport_failures
         );
         assert_eq!(totals.duplicates, 0, "events arrived twice");
         assert!(
@@ -114,13 +145,75 @@ pub async fn run_load(
     streams: usize,
     batch: usize,
 ) -> LoadReport {
-    let until = Instant::now() + duration;
-    let mut workers = Vec::new();
-    for w in 0..unary {
-        workers.push(tokio::spawn(unary_worker(client.clone(), until, batch, w)));
+    run_load_with(
+        client,
+        Load {
+            duration,
+            unary,
+            streams,
+            batch,
+            ..Load::default()
+        },
+    )
+    .await
+}
+
+/// A load run's shape, for [`run_load_with`].
+#[derive(Clone, Debug)]
+pub struct Load {
+    /// How long workers start new calls; a stream sends until then.
+    pub duration: Duration,
+    /// Unary workers, each sending batches of `batch` events.
+    pub unary: usize,
+    /// Stream workers, each sending one-event messages.
+    pub streams: usize,
+    /// Events per unary batch.
+    pub batch: usize,
+    /// Payload bytes of each event (a JSON string; at least 2, `""`).
+    pub payload_bytes: usize,
+    /// Once cancelled, workers start no new call; calls in flight go on to their end
+    /// (streams keep sending), e.g. so that every call open at a SIGTERM is one the
+    /// service must answer and none is refused by a process that has exited.
+    pub stop: CancellationToken,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            duration: Duration::from_secs(3),
+            unary: 1,
+            streams: 1,
+            batch: 10,
+            payload_bytes: 2,
+            stop: CancellationToken::new(),
+        }
     }
-    for w in 0..streams {
-        workers.push(tokio::spawn(stream_worker(client.clone(), until, w)));
+}
+
+impl Load {
+    /// The JSON payload every event carries.
+    fn payload(&self) -> String {
+        format!("\"{}\"", "x".repeat(self.payload_bytes.saturating_sub(2)))
+    }
+}
+
+/// Runs the load `load` describes against `client`; see [`run_load`].
+pub async fn run_load_with(client: &IngestClient<Channel>, load: Load) -> LoadReport {
+    let until = Instant::now() + load.duration;
+    let payload: Arc<str> = load.payload().into();
+    let mut workers = Vec::new();
+    for w in 0..load.unary {
+        workers.push(tokio::spawn(unary_worker(
+            client.clone(),
+            Worker::new(&load, until, &payload, w),
+            load.batch,
+        )));
+    }
+    for w in 0..load.streams {
+        workers.push(tokio::spawn(stream_worker(
+            client.clone(),
+            Worker::new(&load, until, &payload, w),
+        )));
     }
     let mut report = LoadReport::default();
     for worker in workers {
@@ -129,31 +222,85 @@ pub async fn run_load(
     report
 }
 
+/// What every worker needs to know.
+struct Worker {
+    until: Instant,
+    stop: CancellationToken,
+    payload: Arc<str>,
+    w: usize,
+}
+
+impl Worker {
+    fn new(load: &Load, until: Instant, payload: &Arc<str>, w: usize) -> Self {
+        Worker {
+            until,
+            stop: load.stop.clone(),
+            payload: Arc::clone(payload),
+            w,
+        }
+    }
+
+    /// Whether to start another call.
+    fn go_on(&self) -> bool {
+        Instant::now() < self.until && !self.stop.is_cancelled()
+    }
+}
+
+/// A description of `status` if the client library made it from a transport failure
+/// (it then carries the underlying error as its source); `None` for a status the
+/// service sent.
+fn transport_failure(status: &tonic::Status) -> Option<String> {
+    std::error::Error::source(status)
+        .map(|source| format!("{:?} {:?} ({source:?})", status.code(), status.message()))
+}
+
+/// The `ingest-confirmed-count` in `metadata`, or why there is none.
+fn confirmed_count(metadata: &MetadataMap) -> Result<usize, String> {
+    let value = metadata
+        .get(CONFIRMED_COUNT)
+        .ok_or_else(|| format!("no {CONFIRMED_COUNT}"))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{CONFIRMED_COUNT} is {value:?}"))
+}
+
 async fn unary_worker(
     mut client: IngestClient<Channel>,
-    until: Instant,
+    worker: Worker,
     batch: usize,
-    w: usize,
 ) -> LoadReport {
     let mut report = LoadReport::default();
-    while Instant::now() < until {
-        let ids: Vec<String> = (0..batch).map(|_| unique(&format!("u{w}"))).collect();
-        let events = ids.iter().map(|id| json_event("t", id, "{}")).collect();
+    while worker.go_on() {
+        let ids: Vec<String> = (0..batch)
+            .map(|_| unique(&format!("u{}", worker.w)))
+            .collect();
+        let events = ids
+            .iter()
+            .map(|id| json_event("t", id, &worker.payload))
+            .collect();
         report.sent.extend(ids.iter().cloned());
         report.calls += 1;
+        let started = Instant::now();
         let result = tokio::time::timeout(CALL_GUARD, client.publish(request(events)))
             .await
             .expect("a unary call hung");
         match result {
             Ok(response) => {
+                report.ok_latencies.push(started.elapsed());
                 assert_eq!(response.into_inner().ids, ids);
                 report.acked.extend(ids);
             }
             Err(status) => {
-                *report
-                    .errored
-                    .entry(format!("{:?}", status.code()))
-                    .or_default() += ids.len();
+                let key = match transport_failure(&status) {
+                    Some(failure) => {
+                        report.transport_failures.push(failure);
+                        format!("transport {:?}", status.code())
+                    }
+                    None => format!("{:?}", status.code()),
+                };
+                *report.errored.entry(key).or_default() += ids.len();
                 backoff(&status).await;
             }
         }
@@ -161,15 +308,18 @@ async fn unary_worker(
     report
 }
 
-async fn stream_worker(mut client: IngestClient<Channel>, until: Instant, w: usize) -> LoadReport {
+async fn stream_worker(mut client: IngestClient<Channel>, worker: Worker) -> LoadReport {
     let mut report = LoadReport::default();
-    while Instant::now() < until {
+    let (until, w) = (worker.until, worker.w);
+    while worker.go_on() {
         // The ids the client library actually took from the request stream.
         let taken = Arc::new(Mutex::new(Vec::new()));
         let requests = {
             let taken = Arc::clone(&taken);
+            let payload = Arc::clone(&worker.payload);
             futures::stream::unfold((), move |()| {
                 let taken = Arc::clone(&taken);
+                let payload = Arc::clone(&payload);
                 async move {
                     if Instant::now() >= until {
                         return None;
@@ -177,7 +327,7 @@ async fn stream_worker(mut client: IngestClient<Channel>, until: Instant, w: usi
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     let id = unique(&format!("s{w}"));
                     taken.lock().unwrap().push(id.clone());
-                    Some((request(vec![json_event("t", &id, "{}")]), ()))
+                    Some((request(vec![json_event("t", &id, &payload)]), ()))
                 }
             })
         };
@@ -189,25 +339,53 @@ async fn stream_worker(mut client: IngestClient<Channel>, until: Instant, w: usi
         report.sent.extend(taken.iter().cloned());
         match result {
             Ok(response) => {
+                let count = confirmed_count(response.metadata());
                 let n = response.into_inner().events as usize;
                 assert_eq!(
                     n,
                     taken.len(),
                     "OK must mean every event taken was confirmed"
                 );
+                if count != Ok(n) {
+                    report
+                        .streams_without_count
+                        .push(format!("OK with {n} events: {count:?}"));
+                }
+                *report.stream_answers.entry("Ok".into()).or_default() += 1;
                 report.acked.extend(taken);
             }
             Err(status) => {
-                let confirmed = status
-                    .metadata()
-                    .get(ingest::api::CONFIRMED_COUNT)
-                    .map_or(0, |v| v.to_str().unwrap().parse::<usize>().unwrap())
-                    .min(taken.len());
+                let code = format!("{:?}", status.code());
+                let confirmed = if let Some(failure) = transport_failure(&status) {
+                    // Never answered: nothing can be known to be confirmed.
+                    report.transport_failures.push(failure);
+                    *report
+                        .errored
+                        .entry(format!("transport {code}"))
+                        .or_default() += taken.len();
+                    0
+                } else {
+                    *report.stream_answers.entry(code.clone()).or_default() += 1;
+                    let confirmed = match confirmed_count(status.metadata()) {
+                        Ok(confirmed) => confirmed,
+                        Err(missing) => {
+                            report.streams_without_count.push(format!(
+                                "{:?} {:?}: {missing}",
+                                status.code(),
+                                status.message()
+                            ));
+                            0
+                        }
+                    };
+                    assert!(
+                        confirmed <= taken.len(),
+                        "{CONFIRMED_COUNT} {confirmed} but only {} events were sent: {status:?}",
+                        taken.len()
+                    );
+                    *report.errored.entry(code).or_default() += taken.len() - confirmed;
+                    confirmed
+                };
                 report.acked.extend(taken[..confirmed].iter().cloned());
-                *report
-                    .errored
-                    .entry(format!("{:?}", status.code()))
-                    .or_default() += taken.len() - confirmed;
                 backoff(&status).await;
             }
         }

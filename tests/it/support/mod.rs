@@ -11,7 +11,7 @@ mod server;
 
 pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, assert_exactly_once, connect_broker, unique};
 pub use child::ChildServer;
-pub use load::{LoadReport, run_load};
+pub use load::{Load, LoadReport, run_load, run_load_with};
 pub use private_node::PrivateNode;
 pub use proxy::{FaultProxy, Mode};
 pub use server::{
