@@ -3,10 +3,13 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
+use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
 
 use crate::support::{
-    ChildServer, PrivateNode, TestQueue, json_event, request, run_load, spawn_server, test_config,
+    ChildServer, Load, PrivateNode, TestQueue, json_event, request, run_load, run_load_with,
+    spawn_server, test_config,
 };
 
 const GUARD: Duration = Duration::from_secs(30);
@@ -53,10 +56,15 @@ async fn broker_restart_under_load_recovers_and_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
+    const BUFFER: usize = 50;
+    // One-event unary calls can take any free slot (streams only their share), and
+    // there are more unary workers than slots: while the broker blocks, the buffer
+    // fills to exactly BUFFER whatever the interleaving.
+    const UNARY: usize = BUFFER + 10;
     let node = PrivateNode::start().await;
     let queue = TestQueue::new_at(&node.amqp_url(), "#").await;
     let mut config = test_config(&node.amqp_url(), &queue.exchange);
-    config.buffer_events = 50;
+    config.buffer_events = BUFFER;
     config.confirm_timeout = Duration::from_secs(30);
     let server = spawn_server(config).await;
     server.wait_health(ServingStatus::Serving, GUARD).await;
@@ -65,7 +73,14 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
     node.set_memory_alarm(true).await;
     let load = tokio::spawn({
         let client = client.clone();
-        async move { run_load(&client, Duration::from_secs(5), 4, 2, 5).await }
+        let load = Load {
+            duration: Duration::from_secs(8),
+            unary: UNARY,
+            streams: 2,
+            batch: 1,
+            ..Load::default()
+        };
+        async move { run_load_with(&client, load).await }
     });
     // RabbitMQ blocks a connection once it publishes during the alarm.
     let mut broker = server.broker.clone();
@@ -73,7 +88,30 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
         .await
         .expect("the service must see connection.blocked")
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while server.admission.in_use().events < BUFFER {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the buffer did not fill while blocked: {:?} in use after {GUARD:?}",
+            server.admission.in_use()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Full, so the next caller is pushed back, at once and with RetryInfo.
+    let status = tokio::time::timeout(
+        GUARD,
+        client
+            .clone()
+            .publish(request(vec![json_event("t", "probe", "{}")])),
+    )
+    .await
+    .expect("a caller facing a full buffer is answered at once")
+    .expect_err("nothing can be confirmed while the broker blocks");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.get_details_retry_info().is_some(),
+        "RESOURCE_EXHAUSTED carries RetryInfo"
+    );
     assert!(
         server.broker.borrow().connected,
         "blocked is not disconnected"
@@ -85,8 +123,8 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
     );
     assert_eq!(
         server.admission.in_use().events,
-        50,
-        "the buffer filled while blocked"
+        BUFFER,
+        "the buffer stays full while blocked"
     );
     node.set_memory_alarm(false).await;
     tokio::time::timeout(GUARD, broker.wait_for(|s| !s.blocked))
@@ -95,14 +133,11 @@ async fn memory_alarm_pushes_callers_back_then_everything_recovers() {
         .unwrap();
     let report = load.await.unwrap();
 
-    assert!(
-        report.errored.contains_key("ResourceExhausted"),
-        "callers were pushed back while blocked: {report:?}"
-    );
     for code in report.errored.keys() {
         assert!(
             ["ResourceExhausted", "Unavailable"].contains(&code.as_str()),
-            "{report:?}"
+            "{code}: {:?}",
+            report.errored
         );
     }
     server.wait_admission_idle(GUARD).await;
