@@ -25,8 +25,8 @@ use tokio::{
 };
 
 use crate::support::{
-    AMQP_ADDR, AMQP_URL, FaultProxy, Mode, TestQueue, TestServer, spawn_ready_server, spawn_server,
-    test_config, unique,
+    AMQP_ADDR, AMQP_URL, FaultProxy, Mode, TestQueue, TestServer, UNBOUND_TOPIC,
+    spawn_ready_server, spawn_server, test_config, unique,
 };
 
 /// Upper bound for one run of a client (Python stub generation included).
@@ -363,8 +363,10 @@ async fn python_example_publishes_one_event_unary_and_a_batch_on_a_stream() {
 async fn python_example_names_the_event_and_fails_when_it_is_refused() {
     require_python().await;
     let client = Client::python();
-    // Bound to `orders.#` only: the example's events to `audit.x` are unroutable.
-    let queue = TestQueue::new("orders.#").await;
+    // Bound to every topic but one-word ones: the example's events to UNBOUND_TOPIC
+    // are unroutable, and anything else it published (say, to its default topic)
+    // would land in the queue.
+    let queue = TestQueue::all_but_one_word_topics().await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let prefix = format!("{}-", unique("py-refused"));
 
@@ -373,7 +375,7 @@ async fn python_example_names_the_event_and_fails_when_it_is_refused() {
         &server,
         &[
             "--topic",
-            "audit.x",
+            UNBOUND_TOPIC,
             "--only",
             "unary",
             "--id-prefix",
@@ -523,11 +525,12 @@ async fn node_example_without_an_id_prints_the_one_it_generated() {
 async fn node_example_names_the_event_and_fails_when_it_is_refused() {
     require_node().await;
     let client = Client::node();
-    let queue = TestQueue::new("orders.#").await;
+    // As for the Python example: UNBOUND_TOPIC is unroutable, anything else lands.
+    let queue = TestQueue::all_but_one_word_topics().await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
     let id = unique("node-refused");
 
-    let run = run(&client, &server, &["--topic", "audit.x", "--id", &id]).await;
+    let run = run(&client, &server, &["--topic", UNBOUND_TOPIC, "--id", &id]).await;
     assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
     assert!(run.ids.is_empty(), "nothing confirmed: {:?}", run.ids);
     assert!(

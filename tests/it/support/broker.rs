@@ -23,6 +23,9 @@ pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 /// AMQP URL of the test broker: guest/guest, default vhost `/`.
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// A one-word topic: no binding of [`TestQueue::all_but_one_word_topics`] matches it.
+pub const UNBOUND_TOPIC: &str = "unbound";
+
 /// Queues self-delete after 10 minutes unused, so a crashed test leaves no
 /// permanent litter on the shared broker.
 const QUEUE_EXPIRES_MS: i32 = 600_000;
@@ -74,6 +77,30 @@ impl TestQueue {
     /// queue bound to it with `binding_key` (e.g. `"#"` or `"orders.*"`).
     pub async fn new(binding_key: &str) -> TestQueue {
         Self::bind_existing(&unique("ingest-test"), binding_key).await
+    }
+
+    /// A queue bound to every routing key of two or more words (`*.*.#`) and to the
+    /// empty one: only one-word topics such as [`UNBOUND_TOPIC`] are unroutable. For
+    /// tests of unroutable events, which cannot bind `#`: a publish of anything else
+    /// (a copy under another topic, an example's default topic) lands here and shows.
+    pub async fn all_but_one_word_topics() -> TestQueue {
+        let queue = Self::new("*.*.#").await;
+        queue.bind("").await;
+        queue
+    }
+
+    /// Binds the queue to its exchange with `binding_key` too.
+    pub async fn bind(&self, binding_key: &str) {
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind test queue");
     }
 
     /// Like [`TestQueue::new`] but on a caller-chosen exchange name, e.g. one

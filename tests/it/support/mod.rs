@@ -9,7 +9,9 @@ mod private_node;
 mod proxy;
 mod server;
 
-pub use broker::{AMQP_ADDR, AMQP_URL, TestQueue, assert_exactly_once, connect_broker, unique};
+pub use broker::{
+    AMQP_ADDR, AMQP_URL, TestQueue, UNBOUND_TOPIC, assert_exactly_once, connect_broker, unique,
+};
 pub use child::ChildServer;
 pub use load::{Load, LoadReport, run_load, run_load_with};
 pub use private_node::PrivateNode;
