@@ -517,7 +517,9 @@ mod tests {
         for i in 0..3 {
             let (a, tx) = (Arc::clone(&a), tx.clone());
             waiters.push(tokio::spawn(async move {
-                let p = a.admit_stream(1, 1).await.unwrap();
+                // The whole share: one waiter at a time, so the order is observable
+                // on a multi-threaded runtime.
+                let p = a.admit_stream(3, 1).await.unwrap();
                 tx.send(i).await.unwrap();
                 drop(p);
             }));
