@@ -12,7 +12,10 @@ use ingest::{
     api::max_message_bytes,
     health::SERVICE_NAME,
     proto::{Event, PublishRequest},
-    validate::Limits,
+    validate::{
+        Limits, MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTE_VALUE_BYTES, MAX_ATTRIBUTES,
+        MAX_ATTRIBUTES_TOTAL_BYTES, MAX_ID_BYTES,
+    },
 };
 use lapin::{BasicProperties, message::BasicGetMessage, types::AMQPValue};
 use prost::Message as _;
@@ -598,40 +601,127 @@ async fn reflection_and_health_work_without_the_proto() {
     queue.cleanup().await;
 }
 
-/// Validation accepts 64 attributes of a 128-byte key and a 4096-byte value
-/// (~264 KiB of AMQP headers), but an AMQP content header must fit in one frame
-/// (RabbitMQ's default `frame_max` is 128 KiB). Such an event must either be published
-/// or refused as invalid; it must not make the broker close the service's connection,
-/// failing every in-flight publish of every caller.
+/// The largest header set validation accepts: MAX_ATTRIBUTES attributes, every key
+/// at MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTES_TOTAL_BYTES in all; with the longest id.
+fn maximal_attributes() -> HashMap<String, String> {
+    let keys = MAX_ATTRIBUTES * MAX_ATTRIBUTE_KEY_BYTES;
+    let value_len = (MAX_ATTRIBUTES_TOTAL_BYTES - keys) / MAX_ATTRIBUTES;
+    assert_eq!(
+        keys + value_len * MAX_ATTRIBUTES,
+        MAX_ATTRIBUTES_TOTAL_BYTES
+    );
+    assert!(value_len <= MAX_ATTRIBUTE_VALUE_BYTES);
+    (0..MAX_ATTRIBUTES)
+        .map(|i| {
+            (
+                format!("{i:0>width$}", width = MAX_ATTRIBUTE_KEY_BYTES),
+                format!("{i:v>width$}", width = value_len),
+            )
+        })
+        .collect()
+}
+
+fn maximal_event() -> Event {
+    let id = unique("big");
+    Event {
+        attributes: maximal_attributes(),
+        ..json_event("orders.created", &format!("{id:x>MAX_ID_BYTES$}"), "{}")
+    }
+}
+
+/// Publishes `id` alone and checks it lands: the service still serves.
+async fn publishes_one_more(server: &TestServer, queue: &TestQueue) {
+    let id = unique("after");
+    let ids = publish(server, vec![json_event("orders.created", &id, "{}")])
+        .await
+        .expect("the service still publishes");
+    assert_eq!(ids, vec![id.clone()]);
+    let messages = take_exactly(queue, 1).await;
+    assert_eq!(message_id(&messages[0]), id);
+}
+
+/// An AMQP content header must fit in one frame, and a broker closes the whole
+/// connection on an oversized one, failing every in-flight publish of every caller.
+/// Validation caps the headers (MAX_ATTRIBUTES_TOTAL_BYTES) well below RabbitMQ's
+/// default `frame_max` of 128 KiB, so the largest valid header set is published; and
+/// where a smaller `frame_max` is negotiated, the publisher refuses what would not fit
+/// (`HeadersTooLarge`) as INVALID_ARGUMENT naming the event, before sending anything.
+/// Either way the connection stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maximal_attributes_do_not_take_the_broker_connection_down() {
     let queue = TestQueue::new("#").await;
     let server = spawn_ready_server(test_config(AMQP_URL, &queue.exchange)).await;
+    let disconnects = server.count_disconnects();
 
-    let maximal = Event {
-        attributes: (0..64)
-            .map(|i| (format!("{i:0>128}"), "v".repeat(4096)))
-            .collect(),
-        ..json_event("orders.created", &unique("big"), "{}")
-    };
-    match publish(&server, vec![maximal]).await {
-        Ok(_) => {
-            let messages = take_exactly(&queue, 1).await;
-            assert_eq!(headers(&messages[0].delivery.properties).len(), 64);
-        }
-        Err(status) => {
-            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-            assert_eq!(field_violations(&status), vec!["events[0].attributes"]);
-            queue.assert_count_stays(0, SETTLE).await;
-        }
-    }
-    // The connection stayed up the whole time.
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    while tokio::time::Instant::now() < deadline {
-        assert_eq!(server.health("").await, ServingStatus::Serving);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // One byte more is refused by validation: this is the largest valid set.
+    let mut over = maximal_event();
+    over.attributes.values_mut().next().unwrap().push('v');
+    let status = publish(&server, vec![over])
+        .await
+        .expect_err("one byte over MAX_ATTRIBUTES_TOTAL_BYTES was accepted");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(field_violations(&status), vec!["events[0].attributes"]);
 
+    let maximal = maximal_event();
+    let ids = publish(&server, vec![maximal.clone()])
+        .await
+        .expect("the largest valid header set is published and confirmed");
+    assert_eq!(ids, vec![maximal.id.clone()]);
+    let messages = take_exactly(&queue, 1).await;
+    assert_eq!(message_id(&messages[0]), maximal.id);
+    let expected: BTreeMap<String, String> = maximal.attributes.into_iter().collect();
+    assert_eq!(headers(&messages[0].delivery.properties), expected);
+
+    publishes_one_more(&server, &queue).await;
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    assert_eq!(
+        disconnects.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the broker connection stayed up"
+    );
     drop(server);
+
+    // A broker link with a small negotiated frame_max (the URL asks for 8 KiB).
+    let url = format!("{AMQP_URL}?frame_max=8192");
+    let small = spawn_ready_server(test_config(&url, &queue.exchange)).await;
+    let disconnects = small.count_disconnects();
+    // Headers that fit the 8 KiB frame are published...
+    let fits = Event {
+        attributes: (0..4)
+            .map(|i| (format!("k{i}"), "v".repeat(1024)))
+            .collect(),
+        ..json_event("orders.created", &unique("fits"), "{}")
+    };
+    publish(&small, vec![fits.clone()])
+        .await
+        .expect("4 KiB of headers fit an 8 KiB frame");
+    let messages = take_exactly(&queue, 1).await;
+    assert_eq!(message_id(&messages[0]), fits.id);
+    // ...the maximal set does not: the whole batch is refused, naming the event, and
+    // nothing of it is sent.
+    let batch = vec![
+        json_event("orders.created", &unique("small"), "{}"),
+        maximal_event(),
+    ];
+    let status = publish(&small, batch)
+        .await
+        .expect_err("headers larger than the negotiated frame_max were sent");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(field_violations(&status), vec!["events[1].attributes"]);
+    assert!(
+        status.message().contains("events[1]") && status.message().contains("8192"),
+        "the message names the event and the frame size: {status:?}"
+    );
+    queue.assert_count_stays(0, SETTLE).await;
+
+    publishes_one_more(&small, &queue).await;
+    assert_eq!(small.health("").await, ServingStatus::Serving);
+    assert_eq!(
+        disconnects.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the broker connection stayed up"
+    );
+
+    drop(small);
     queue.cleanup().await;
 }
