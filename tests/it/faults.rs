@@ -8,8 +8,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    AMQP_ADDR, FaultProxy, Mode, TestQueue, assert_exactly_once, connect_broker, json_event,
-    publish_until_ok, request, run_load, spawn_server, test_config, unique,
+    AMQP_ADDR, FaultProxy, Load, LoadReport, Mode, PROXY_CHUNK, TestQueue, assert_exactly_once,
+    connect_broker, json_event, publish_until_ok, request, run_load, run_load_with, spawn_server,
+    test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
@@ -367,11 +368,21 @@ async fn stream_waits_out_a_short_broker_outage_and_ends_at_the_stall_timeout_ot
     queue.cleanup().await;
 }
 
+/// The same load is run against a fast broker, then against one slowed by the proxy,
+/// on one service: what the slow broker does to callers is measured against what the
+/// same callers get without it, not inferred from refusals. Events are large (100 KiB)
+/// so that what passes through the service during the run is many times its memory
+/// allowance: a leak of refused, admitted or confirmed events would show in RSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
-    const BUFFER_BYTES: u64 = 1024 * 1024;
+    /// Room for unary batches besides what the streams' share holds.
+    const BUFFER_BYTES: u64 = 4 * 1024 * 1024;
     /// Same fixed overhead as the stalled-stream test (README, Memory).
     const OVERHEAD: u64 = 24 * 1024 * 1024;
+    const PAYLOAD: usize = 100 * 1024;
+    const BATCH: usize = 2;
+    /// Added by the proxy to every chunk of at most PROXY_CHUNK bytes, both ways.
+    const LATENCY: Duration = Duration::from_millis(10);
     let queue = TestQueue::new("#").await;
     let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
     let server = crate::support::ChildServer::start(
@@ -379,37 +390,90 @@ async fn slow_broker_slows_callers_down_with_flat_memory_and_loses_nothing() {
         &queue.exchange,
         &[
             ("INGEST_BUFFER_EVENTS", "200"),
-            ("INGEST_BUFFER_BYTES", "1MiB"),
+            ("INGEST_BUFFER_BYTES", "4MiB"),
             ("INGEST_MAX_BATCH_EVENTS", "10"),
+            // Refused callers come back soon: much is offered while little fits.
+            ("INGEST_RETRY_AFTER", "50ms"),
         ],
     );
     let client = server.ready_client().await;
     let (idle_rss, _) = server.memory();
+    let load = |duration| Load {
+        duration,
+        unary: 8,
+        streams: 4,
+        batch: BATCH,
+        payload_bytes: PAYLOAD,
+        ..Load::default()
+    };
 
-    proxy.set_latency(Duration::from_millis(25));
-    let report = run_load(&client, Duration::from_secs(3), 8, 4, 10).await;
+    let mut report = run_load_with(&client, load(Duration::from_millis(1500))).await;
+    proxy.set_latency(LATENCY);
+    let slow = run_load_with(&client, load(Duration::from_secs(3))).await;
+    proxy.set_latency(Duration::ZERO);
     let (_, peak) = server.memory();
-    eprintln!("slow broker: idle RSS {idle_rss} B, peak {peak} B");
 
+    let rate = |r: &LoadReport, secs: f64| (r.acked.len() * PAYLOAD) as f64 / secs / 1e6;
+    let fast_median = report
+        .median_ok_latency()
+        .expect("no unary call was confirmed");
+    let slow_median = slow
+        .median_ok_latency()
+        .expect("the service kept working: no unary call was confirmed");
+    let offered = (report.sent.len() + slow.sent.len()) * PAYLOAD;
+    eprintln!(
+        "fast broker: {} events confirmed ({:.1} MB/s), median unary OK {fast_median:?}; \
+         slow broker: {} confirmed ({:.1} MB/s), median unary OK {slow_median:?}; \
+         {} MB offered; idle RSS {idle_rss} B, peak {peak} B",
+        report.acked.len(),
+        rate(&report, 1.5),
+        slow.acked.len(),
+        rate(&slow, 3.0),
+        offered / 1_000_000,
+    );
+
+    // Callers were slowed down: each confirmed call took at least the time the proxy
+    // needs to pass its events to the broker (one LATENCY per chunk) and the confirm
+    // back, so an early answer (OK before the confirm) fails here; and the same calls
+    // took longer than without the latency.
+    let min_ok = LATENCY * ((BATCH * PAYLOAD).div_ceil(PROXY_CHUNK) as u32 + 1);
+    let early: Vec<&Duration> = slow.ok_latencies.iter().filter(|l| **l < min_ok).collect();
     assert!(
-        report.acked.len() > 50,
-        "the service kept working: {report:?}"
+        early.is_empty(),
+        "{} of {} calls confirmed faster than the slow broker can confirm ({min_ok:?}), \
+         e.g. {:?}",
+        early.len(),
+        slow.ok_latencies.len(),
+        &early[..early.len().min(5)]
     );
     assert!(
-        report.errored.contains_key("ResourceExhausted"),
-        "the slow broker pushed back on callers through the buffer: {report:?}"
+        slow_median > fast_median,
+        "the slow broker did not slow callers down: median OK {slow_median:?} with \
+         latency, {fast_median:?} without"
     );
+    assert!(
+        slow.errored.contains_key("ResourceExhausted"),
+        "the slow broker pushed back on callers through the buffer: {:?}",
+        slow.errored
+    );
+    report.merge(slow);
     for code in report.errored.keys() {
         assert!(
             ["ResourceExhausted", "Unavailable"].contains(&code.as_str()),
-            "{report:?}"
+            "{:?}",
+            report.errored
         );
     }
+    // The run could show a leak: far more passed through than the allowance.
+    let allowance = BUFFER_BYTES + OVERHEAD;
     assert!(
-        peak <= idle_rss + BUFFER_BYTES + OVERHEAD,
-        "peak RSS {peak} B, idle {idle_rss} B"
+        offered as u64 >= 2 * allowance,
+        "only {offered} B offered: too little for a leak to show against {allowance} B"
     );
-    proxy.set_latency(Duration::ZERO);
+    assert!(
+        peak <= idle_rss + allowance,
+        "peak RSS {peak} B, idle {idle_rss} B, allowance {allowance} B"
+    );
     report.assert_invariants(&queue).await;
     queue.cleanup().await;
 }

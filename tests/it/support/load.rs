@@ -46,7 +46,8 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    fn merge(&mut self, other: LoadReport) {
+    /// Adds `other`'s calls and outcomes to this report.
+    pub fn merge(&mut self, other: LoadReport) {
         self.sent.extend(other.sent);
         self.acked.extend(other.acked);
         for (code, n) in other.errored {
@@ -60,6 +61,13 @@ impl LoadReport {
             .extend(other.streams_without_count);
         self.transport_failures.extend(other.transport_failures);
         self.ok_latencies.extend(other.ok_latencies);
+    }
+
+    /// The median of [`LoadReport::ok_latencies`], if any call answered OK.
+    pub fn median_ok_latency(&self) -> Option<Duration> {
+        let mut sorted = self.ok_latencies.clone();
+        sorted.sort();
+        sorted.get(sorted.len() / 2).copied()
     }
 
     /// Events that got an explicit error.

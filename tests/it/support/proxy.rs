@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest chunk read (and therefore held) per direction per connection, so a
 /// stalled or slowed proxy never buffers more than this.
-const CHUNK: usize = 16 * 1024;
+pub const CHUNK: usize = 16 * 1024;
 
 /// What the proxy does with traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
