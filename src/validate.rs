@@ -8,7 +8,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::proto;
+use crate::{admission, proto};
 
 /// Longest AMQP short string: routing keys, message ids and content types are sent as one.
 pub const MAX_SHORT_STRING: usize = 255;
@@ -89,11 +89,15 @@ impl ValidEvent {
     pub fn timestamp(&self) -> Option<u64> {
         self.timestamp
     }
-    /// Bytes this event holds in memory, charged against the buffer: payload plus
-    /// every string that travels with it. Always at least 1, so an empty event still
-    /// takes a share of the byte bound.
+    /// Bytes this event is charged against the buffer while admitted: what it holds
+    /// in memory, by [`admission::event_cost`] (payload, strings and the fixed
+    /// per-event and per-attribute overheads).
     pub fn size(&self) -> usize {
-        (self.payload.len() + self.topic.len() + self.metadata_size()).max(1)
+        admission::event_cost(
+            self.payload.len(),
+            self.topic.len() + self.metadata_size(),
+            self.attributes.len(),
+        )
     }
     /// Bytes of everything but the payload: what travels in the AMQP header frame.
     pub fn metadata_size(&self) -> usize {
@@ -141,8 +145,7 @@ impl ValidBatch {
     }
 }
 
-/// Length of a generated id (a hyphenated UUID).
-const GENERATED_ID_BYTES: usize = 36;
+use admission::GENERATED_ID_BYTES;
 
 /// What [`ValidBatch::bytes`] will be if `events` are valid, computed without
 /// allocating: lets admission refuse an overloaded request before it is validated.
@@ -156,7 +159,11 @@ pub fn estimated_size(events: &[proto::Event]) -> usize {
                 e.id.len()
             };
             let attributes: usize = e.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
-            (e.payload.len() + id + e.topic.len() + e.content_type.len() + attributes).max(1)
+            admission::event_cost(
+                e.payload.len(),
+                id + e.topic.len() + e.content_type.len() + attributes,
+                e.attributes.len(),
+            )
         })
         .sum()
 }
@@ -635,6 +642,33 @@ mod tests {
         e.id = "id".into();
         e.attributes.insert("k".into(), "vv".into());
         let batch = validate_batch(vec![e], &LIMITS).unwrap();
-        assert_eq!(batch.events()[0].size(), 2 + 2 + 3 + 3);
+        // Payload `{}` twice (the event's copy and lapin's body frame), id, topic,
+        // one attribute, and the fixed overheads.
+        assert_eq!(
+            batch.events()[0].size(),
+            2 * 2 + 2 + 3 + 3 + admission::EVENT_OVERHEAD + admission::ATTRIBUTE_OVERHEAD
+        );
+    }
+
+    #[test]
+    fn the_message_bound_covers_every_validated_request() {
+        use prost::Message;
+        let mut full = event("a.b");
+        full.attributes.insert("k".into(), "v".repeat(100));
+        full.content_type = "application/json".into();
+        let requests = [
+            vec![event("t")],
+            vec![full.clone(), event("generated"), full],
+            (0..10).map(|i| event(&format!("t{i}"))).collect(),
+        ];
+        for events in requests {
+            let request = proto::PublishRequest {
+                events: events.clone(),
+            };
+            let attributes = events.iter().map(|e| e.attributes.len()).sum();
+            let bound = admission::message_bound(request.encoded_len(), events.len(), attributes);
+            let cost = validate_batch(events, &LIMITS).unwrap().bytes();
+            assert!(cost <= bound, "cost {cost} over the bound {bound}");
+        }
     }
 }

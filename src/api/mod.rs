@@ -2,6 +2,8 @@
 //! admits them, hands them to the publisher and maps every outcome to a status.
 
 mod call;
+pub mod framing;
+pub mod intake;
 mod status;
 mod stream;
 
@@ -16,7 +18,7 @@ use tracing::Instrument;
 use self::call::Call;
 
 use crate::{
-    admission::{Admission, AdmitError},
+    admission::{self, Admission, AdmitError},
     proto::{Event, PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
     publisher::{self, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
@@ -31,17 +33,22 @@ const MAX_EVENT_METADATA: usize = validate::MAX_ID_BYTES
     + validate::MAX_ATTRIBUTES * 16
     + 64;
 
-/// The largest request message tonic will decode. Anything bigger is refused with
-/// `OUT_OF_RANGE` before it is buffered: a request can never hold more than
-/// `max-batch-events` maximal events, and never more than the whole byte buffer
-/// (plus one event's metadata), since such a request could never be admitted.
+/// The largest request message accepted. Anything bigger is refused with
+/// `OUT_OF_RANGE` from its length prefix, before it is read: a request can never hold
+/// more than `max-batch-events` maximal events, and never more than the receive share
+/// of `--buffer-bytes` ([`admission::receive_share`]), since it could never be
+/// reserved.
 pub fn max_message_bytes(limits: &Limits, buffer_bytes: usize) -> usize {
     let per_event = limits.max_event_bytes.saturating_add(MAX_EVENT_METADATA);
     limits
         .max_batch_events
         .saturating_mul(per_event)
-        .min(buffer_bytes.saturating_add(MAX_EVENT_METADATA))
+        .min(admission::receive_share(buffer_bytes))
 }
+
+/// Largest request message of the health and reflection services: theirs are a few
+/// bytes, and the intake reserves them from the same budget.
+pub const MAX_OTHER_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Settings of the gRPC surface, from configuration.
 #[derive(Clone, Copy, Debug)]
@@ -99,8 +106,13 @@ impl Ingest for IngestService {
         let incoming = trace::Incoming::from_metadata(request.metadata());
         let span = trace::rpc_span("ingest.v1.Ingest/Publish", &incoming);
         let mut call = Call::start(&self.metrics, Rpc::Publish, request.metadata());
+        // The room the intake took for this request while it was received.
+        let ticket = request
+            .extensions()
+            .get::<intake::Tickets>()
+            .and_then(intake::Tickets::take);
         let result = self
-            .publish_batch(request.into_inner().events, &incoming, &mut call)
+            .publish_batch(request.into_inner().events, ticket, &incoming, &mut call)
             .instrument(span.clone())
             .await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
@@ -125,6 +137,11 @@ impl Ingest for IngestService {
             Err(status::shutting_down())
         } else {
             let ctx = stream::StreamContext {
+                tickets: request
+                    .extensions()
+                    .get::<intake::Tickets>()
+                    .cloned()
+                    .unwrap_or_default(),
                 admission: &self.admission,
                 publisher: &self.publisher,
                 metrics: &self.metrics,
@@ -166,6 +183,7 @@ impl IngestService {
     async fn publish_batch(
         &self,
         events: Vec<Event>,
+        ticket: Option<intake::Ticket>,
         incoming: &trace::Incoming,
         call: &mut Call<'_>,
     ) -> Result<Vec<String>, Status> {
@@ -183,27 +201,38 @@ impl IngestService {
             let status = status::disconnected(self.publisher.last_error().get().as_deref());
             return Err(reject(Reason::Unavailable, status));
         }
-        // Overloaded: refuse before any per-event work (validation, ids, copies), so
-        // refusals stay cheap and fast when they are most of the traffic.
-        self.admission
-            .check_room(n, validate::estimated_size(&events))
-            .map_err(|e| {
-                reject(
-                    admit_reason(&e),
-                    status::not_admitted(e, self.settings.retry_after),
-                )
-            })?;
-        let batch = validate::validate_batch(events, &self.settings.limits)
-            .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
-        let permit = self
-            .admission
-            .try_admit(batch.len(), batch.bytes())
-            .map_err(|e| {
-                reject(
-                    admit_reason(&e),
-                    status::not_admitted(e, self.settings.retry_after),
-                )
-            })?;
+        let refused = |e: AdmitError| {
+            reject(
+                admit_reason(&e),
+                status::not_admitted(e, self.settings.retry_after),
+            )
+        };
+        let (batch, permit) = match ticket {
+            // Admitted by the intake before it was decoded, for its upper bound: keep
+            // what the validated events cost, and the request's bytes are free.
+            Some(intake::Ticket { mut permit, .. }) => {
+                let batch = validate::validate_batch(events, &self.settings.limits)
+                    .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
+                permit.shrink(batch.len(), batch.bytes());
+                (batch, permit)
+            }
+            // Served without the intake layer (it is part of every server `App`
+            // builds): admit here.
+            None => {
+                // Overloaded: refuse before any per-event work (validation, ids,
+                // copies), so refusals stay cheap when they are most of the traffic.
+                self.admission
+                    .check_room(n, validate::estimated_size(&events))
+                    .map_err(refused)?;
+                let batch = validate::validate_batch(events, &self.settings.limits)
+                    .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
+                let permit = self
+                    .admission
+                    .try_admit(batch.len(), batch.bytes())
+                    .map_err(refused)?;
+                (batch, permit)
+            }
+        };
         let ids = batch.ids();
         // From here the batch task owns the permit: if this call is cancelled (the
         // caller's deadline or disconnect), the events are still settled with the
@@ -224,7 +253,7 @@ impl IngestService {
 }
 
 /// The `reason` label of an admission refusal.
-fn admit_reason(error: &AdmitError) -> Reason {
+pub(super) fn admit_reason(error: &AdmitError) -> Reason {
     match error {
         AdmitError::Exhausted { .. } => Reason::Exhausted,
         AdmitError::TooLarge { .. } => Reason::Invalid,

@@ -16,9 +16,9 @@ use futures::{StreamExt, stream::FuturesOrdered};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming, metadata::MetadataValue};
 
-use super::status;
+use super::{intake, status};
 use crate::{
-    admission::{Admission, Permit},
+    admission::Admission,
     proto::PublishRequest,
     publisher::{self, BatchOutcome, Lane, Pending, PublishError, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
@@ -35,6 +35,8 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4096;
 
 /// What one stream needs from the service.
 pub(super) struct StreamContext<'a> {
+    /// The room the intake took for each message, in message order.
+    pub(super) tickets: intake::Tickets,
     pub(super) admission: &'a Admission,
     pub(super) publisher: &'a Publisher,
     pub(super) metrics: &'a Metrics,
@@ -85,26 +87,28 @@ async fn read_all(
         if progress.in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
             progress.settle_oldest(ctx.draining).await?;
         }
-        // Room for one event first: until there is some, the next message stays unread.
-        let token = progress
-            .settling(ctx.draining, ctx.admission.admit_stream(1, 1))
-            .await?
-            .map_err(|e| status::not_admitted(e, Duration::ZERO))?;
-        let read = tokio::time::timeout(ctx.idle_timeout, stream.message());
-        let request = match progress.settling(ctx.draining, read).await? {
-            Err(_) => {
-                return Err(Status::new(
-                    Code::DeadlineExceeded,
-                    format!(
-                        "no message for {:?} (stream-idle-timeout): stream closed; resume with a new stream",
-                        ctx.idle_timeout
-                    ),
-                ));
+        // The intake reserves each message before it is read and admits its events
+        // before it is decoded; while it waits for room the stream is pushed back,
+        // not idle.
+        let request = loop {
+            let read = tokio::time::timeout(ctx.idle_timeout, stream.message());
+            match progress.settling(ctx.draining, read).await? {
+                Err(_) if ctx.tickets.waiting_for_room() => continue,
+                Err(_) => {
+                    return Err(Status::new(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "no message for {:?} (stream-idle-timeout): stream closed; resume with a new stream",
+                            ctx.idle_timeout
+                        ),
+                    ));
+                }
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(request))) => break request,
             }
-            Ok(Err(status)) => return Err(status),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(request))) => request,
         };
+        let ticket = ctx.tickets.take();
         let received = request.events.len();
         ctx.metrics.received(Rpc::PublishStream, received);
         // An empty message is allowed: a caller may use it to keep an idle stream open.
@@ -141,10 +145,19 @@ async fn read_all(
                 }
             }
             let n = valid.len();
-            let permit = progress
-                .settling(ctx.draining, admit_rest(ctx.admission, token, &valid))
-                .await?
-                .inspect_err(|_| ctx.metrics.rejected(Reason::Invalid, n))?;
+            let bytes: usize = valid.iter().map(ValidEvent::size).sum();
+            let permit = match ticket {
+                Some(intake::Ticket { mut permit, .. }) => {
+                    permit.shrink(n, bytes);
+                    permit
+                }
+                // Served without the intake layer: admit here.
+                None => progress
+                    .settling(ctx.draining, ctx.admission.admit_stream(n, bytes))
+                    .await?
+                    .map_err(|e| status::not_admitted(e, Duration::ZERO))
+                    .inspect_err(|_| ctx.metrics.rejected(Reason::Invalid, n))?,
+            };
             let pending = ctx
                 .publisher
                 .publish(valid, permit, Some(&mut *lane), ctx.incoming)
@@ -183,22 +196,6 @@ fn valid_prefix(
         }
     }
     (valid, violations)
-}
-
-/// Grows the one-event token to the room the whole message needs.
-async fn admit_rest(
-    admission: &Admission,
-    mut token: Permit,
-    events: &[ValidEvent],
-) -> Result<Permit, Status> {
-    let bytes: usize = events.iter().map(ValidEvent::size).sum();
-    // Every event is at least one byte, so the message needs at least the token's room.
-    let rest = admission
-        .admit_stream(events.len().saturating_sub(1), bytes.saturating_sub(1))
-        .await
-        .map_err(|e| status::not_admitted(e, Duration::ZERO))?;
-    token.merge(rest);
-    Ok(token)
 }
 
 /// The stream's batches in flight, in order, and how many leading events are confirmed.
