@@ -274,7 +274,6 @@ impl Admission {
             .await
             .map_err(closed)?;
         let share_bytes = acquire(&self.stream_bytes, n_bytes).await.map_err(closed)?;
-        let _ = acquire(&self.stream_events, 1).await.map(|p| p.forget()); // TEMP-BREAK
         let events = acquire(&self.events, n_events).await.map_err(closed)?;
         let bytes = acquire(&self.bytes, n_bytes).await.map_err(closed)?;
         Ok(Permit {
