@@ -60,11 +60,24 @@ pub fn message_bound(len: usize, events: usize, attributes: usize) -> usize {
         .saturating_add(attributes.saturating_mul(ATTRIBUTE_OVERHEAD))
 }
 
+/// The most one read from a request body takes off the connection at once: one
+/// HTTP/2 DATA frame at the default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+
+/// The part of `--buffer-bytes` kept for the chunk a request body is being read in
+/// ([`ChunkPermit`]): a chunk may hold bytes of a message not reserved yet (its
+/// prefix, or the start of the next message), so every read is paid for first. At
+/// least one chunk.
+pub const CHUNK_SHARE_PERCENT: usize = 6;
+
 /// The part of `--buffer-bytes` kept for request messages while they are received and
-/// decoded ([`Reservation`]); admitted events hold the rest. Two pools, so that a
-/// message that holds its reservation while it waits to be admitted never waits for
-/// room that only another waiting message could give back: admitted room is freed by
-/// confirms alone.
+/// decoded ([`Reservation`]); admitted events hold the rest.
+///
+/// Three pools, always taken in one order: a chunk to read in, then a message's
+/// reservation, then its events' admission. A request body waits for a pool only
+/// while holding room of the pools before it, and admitted room is freed by confirms
+/// alone, so no set of waiting bodies can hold what each other waits for: the budget
+/// cannot deadlock, whatever callers send.
 pub const RECEIVE_SHARE_PERCENT: usize = 25;
 
 /// Why a request could not be admitted.
@@ -128,6 +141,10 @@ pub struct Admission {
     receiving: Arc<Semaphore>,
     /// Capacity of `receiving`.
     receive_capacity: usize,
+    /// [`CHUNK_BYTES`] per request body that is reading.
+    chunks: Arc<Semaphore>,
+    /// Capacity of `chunks`.
+    chunk_capacity: usize,
 }
 
 impl Admission {
@@ -136,7 +153,45 @@ impl Admission {
     /// rest for admitted events.
     pub fn new(events: usize, bytes: usize) -> Self {
         let receive = receive_share(bytes);
-        Self::with_pools(events, bytes.saturating_sub(receive).max(1), receive)
+        let chunks = chunk_share(bytes);
+        let admitted = bytes.saturating_sub(receive + chunks).max(1);
+        Self::with_pools(events, admitted, receive).with_chunks(chunks)
+    }
+
+    /// Sets the chunk pool's capacity (at least one chunk).
+    pub fn with_chunks(mut self, bytes: usize) -> Self {
+        self.chunk_capacity = bytes.clamp(CHUNK_BYTES, Semaphore::MAX_PERMITS);
+        self.chunks = Arc::new(Semaphore::new(self.chunk_capacity));
+        self
+    }
+
+    /// Room to read one chunk of a request body, or a refusal at once (unary calls).
+    pub fn chunk_now(&self) -> Result<ChunkPermit, AdmitError> {
+        match Arc::clone(&self.chunks).try_acquire_many_owned(CHUNK_BYTES as u32) {
+            Ok(permit) => Ok(ChunkPermit { _room: permit }),
+            Err(TryAcquireError::NoPermits) => Err(AdmitError::Exhausted {
+                events: 0,
+                bytes: CHUNK_BYTES,
+                free_events: self.events.available_permits(),
+                free_bytes: self.chunks.available_permits(),
+            }),
+            Err(TryAcquireError::Closed) => Err(AdmitError::Closed),
+        }
+    }
+
+    /// Room to read one chunk of a request body, waiting in line (streams).
+    pub async fn chunk(&self) -> Result<ChunkPermit, AdmitError> {
+        Arc::clone(&self.chunks)
+            .acquire_many_owned(CHUNK_BYTES as u32)
+            .await
+            .map(|permit| ChunkPermit { _room: permit })
+            .map_err(|_| AdmitError::Closed)
+    }
+
+    /// Bytes of the chunk pool held by reading bodies, and its capacity.
+    pub fn reading(&self) -> (usize, usize) {
+        let free = self.chunks.available_permits().min(self.chunk_capacity);
+        (self.chunk_capacity - free, self.chunk_capacity)
     }
 
     /// The bound with its pools given: `events` and `bytes` for admitted events,
@@ -160,6 +215,8 @@ impl Admission {
             stream_capacity,
             receiving: Arc::new(Semaphore::new(receive_capacity)),
             receive_capacity,
+            chunks: Arc::new(Semaphore::new(CHUNK_BYTES)),
+            chunk_capacity: CHUNK_BYTES,
         }
     }
 
@@ -327,6 +384,7 @@ impl Admission {
             &self.stream_events,
             &self.stream_bytes,
             &self.receiving,
+            &self.chunks,
         ] {
             semaphore.close();
         }
@@ -337,6 +395,23 @@ impl Admission {
 /// being received, and so the largest request message that can ever be reserved.
 pub fn receive_share(bytes: usize) -> usize {
     percent(bytes, RECEIVE_SHARE_PERCENT)
+}
+
+/// The largest request message a byte budget of `bytes` can take in: one that fits
+/// its receive share while received and, once admitted for its bound (one event), the
+/// streams' share of the admitted pool.
+pub fn largest_message(bytes: usize) -> usize {
+    let admitted = bytes
+        .saturating_sub(receive_share(bytes) + chunk_share(bytes))
+        .max(1);
+    let stream_share = percent(admitted, STREAM_SHARE_PERCENT);
+    let admissible = stream_share.saturating_sub(EVENT_OVERHEAD + GENERATED_ID_BYTES) / 2;
+    receive_share(bytes).min(admissible)
+}
+
+/// The chunk share of a byte budget (at least one chunk).
+pub fn chunk_share(bytes: usize) -> usize {
+    percent(bytes, CHUNK_SHARE_PERCENT).max(CHUNK_BYTES)
 }
 
 /// `p` percent of `n`, at least 1, without overflow.
@@ -386,6 +461,15 @@ impl Reservation {
     pub fn bytes(&self) -> usize {
         self.bytes.num_permits()
     }
+}
+
+/// Room for one chunk of a request body while it is read, from the chunk share of
+/// the byte budget: it covers whatever of the chunk is not yet reserved as part of a
+/// message. Held from before a read until the body is between messages again.
+#[derive(Debug)]
+#[must_use = "dropping a chunk permit releases its room at once"]
+pub struct ChunkPermit {
+    _room: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]

@@ -39,7 +39,7 @@ use super::{
     status,
 };
 use crate::{
-    admission::{self, Admission, AdmitError, Permit, Reservation},
+    admission::{self, Admission, AdmitError, ChunkPermit, Permit, Reservation},
     telemetry::{Metrics, Reason, metrics::Rpc},
     validate::FieldViolation,
 };
@@ -188,6 +188,7 @@ where
 
 /// What a wait in the body resolves to.
 enum Granted {
+    Chunk(ChunkPermit),
     Reserved(Reservation),
     Admitted(Permit),
 }
@@ -203,6 +204,9 @@ pub struct IntakeBody {
     /// Bytes taken off the connection and not yet passed on: at most one chunk, the
     /// one that held the prefix of the message now waiting for room.
     held: Bytes,
+    /// Room for the chunk being read: held from before a read until the body is
+    /// between messages with nothing held, so `held` is always paid for.
+    chunk: Option<ChunkPermit>,
     /// The current message's reservation, until its events are admitted.
     reservation: Option<Reservation>,
     /// A reservation or admission being waited for (streams only).
@@ -240,6 +244,7 @@ impl IntakeBody {
             framer: Framer::new(limits),
             settings,
             held: Bytes::new(),
+            chunk: None,
             reservation: None,
             waiting: None,
             tickets,
@@ -304,8 +309,39 @@ impl IntakeBody {
         Ok(())
     }
 
+    /// Takes room for the next read: at once for unary calls, else by a wait.
+    fn begin_read(&mut self) -> Result<(), Status> {
+        let admission = &self.settings.admission;
+        match self.mode {
+            Mode::Now | Mode::Other => {
+                let chunk = admission.chunk_now().map_err(|e| self.refusal(e))?;
+                self.chunk = Some(chunk);
+            }
+            Mode::Wait => {
+                let admission = Arc::clone(admission);
+                self.waiting = Some(Box::pin(async move {
+                    admission.chunk().await.map(Granted::Chunk)
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// A message has passed whole and nothing is held. A stream gives its room to
+    /// read back (one that is quiet holds none) and takes it again before its next
+    /// read; a unary body keeps it to its end. A health or reflection message's
+    /// reservation ends here: it is decoded by the time another is read.
+    fn between_messages(&mut self) {
+        match self.mode {
+            Mode::Wait => self.chunk = None,
+            Mode::Other => self.reservation = None,
+            Mode::Now => {}
+        }
+    }
+
     fn granted(&mut self, granted: Granted) {
         match granted {
+            Granted::Chunk(chunk) => self.chunk = Some(chunk),
             Granted::Reserved(reservation) => {
                 self.reservation = Some(reservation);
                 self.framer.reserved();
@@ -411,6 +447,9 @@ impl HttpBody for IntakeBody {
                 match this.framer.advance(&this.held) {
                     Ok(advance) if advance.taken > 0 => {
                         let chunk = this.held.split_to(advance.taken);
+                        if this.held.is_empty() && this.framer.at_boundary() {
+                            this.between_messages();
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
                     Ok(_) => continue,
@@ -422,15 +461,15 @@ impl HttpBody for IntakeBody {
                     }
                 }
             }
+            if this.chunk.is_none() {
+                if let Err(status) = this.begin_read() {
+                    return this.fail(status);
+                }
+                continue;
+            }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if this.mode == Mode::Other && this.framer.at_boundary() {
-                            // The previous message has been decoded by now.
-                            this.reservation = None;
-                        }
-                        this.held = data;
-                    }
+                    Ok(data) => this.held = data,
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
                 Some(Err(status)) => return Poll::Ready(Some(Err(status))),

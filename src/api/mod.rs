@@ -43,7 +43,7 @@ pub fn max_message_bytes(limits: &Limits, buffer_bytes: usize) -> usize {
     limits
         .max_batch_events
         .saturating_mul(per_event)
-        .min(admission::receive_share(buffer_bytes))
+        .min(admission::largest_message(buffer_bytes))
 }
 
 /// Largest request message of the health and reflection services: theirs are a few

@@ -146,16 +146,25 @@ impl TestServer {
     }
 
     /// Waits until nothing is admitted, neither in the buffer nor in the streams'
-    /// share of it; panics with both usages after `timeout`.
+    /// share of it, and nothing is reserved for messages being received or read;
+    /// panics with every usage after `timeout`.
     pub async fn wait_admission_idle(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        let held = || (self.admission.in_use(), self.admission.stream_in_use());
-        while held() != (Usage::default(), Usage::default()) {
-            let (buffer, streams) = held();
+        let held = || {
+            (
+                self.admission.in_use(),
+                self.admission.stream_in_use(),
+                self.admission.receiving().0,
+                self.admission.reading().0,
+            )
+        };
+        while held() != (Usage::default(), Usage::default(), 0, 0) {
+            let (buffer, streams, receiving, reading) = held();
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "admission still holds {buffer:?} of the buffer and {streams:?} of the \
-                 streams' share after {timeout:?}"
+                "admission still holds {buffer:?} of the buffer, {streams:?} of the \
+                 streams' share, {receiving} bytes reserved for messages being received \
+                 and {reading} for reads after {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
