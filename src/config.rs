@@ -54,13 +54,32 @@ pub const DEFAULT_RETRY_AFTER: &str = "250ms";
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: &str = "60s";
 /// Default for `--stream-stall-timeout` / `INGEST_STREAM_STALL_TIMEOUT`.
 pub const DEFAULT_STREAM_STALL_TIMEOUT: &str = "30s";
-/// Default for `--http2-stream-window` / `INGEST_HTTP2_STREAM_WINDOW` (1 MiB).
-pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "1048576";
+/// Default for `--http2-stream-window` / `INGEST_HTTP2_STREAM_WINDOW` (64 KiB).
+/// A window is what a peer may send before the server reads; on a LAN
+/// (sub-millisecond round trips) a small stream window costs no throughput, and it
+/// bounds what each stream can park in the server.
+pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "65536";
 /// Default for `--http2-connection-window` / `INGEST_HTTP2_CONNECTION_WINDOW`
-/// (4 MiB).
+/// (4 MiB). Large on purpose: h2 closes a connection (`GOAWAY ENHANCE_YOUR_CALM
+/// too_many_data_frames`) once the small DATA frames it holds unread cost more than
+/// half this window in framing overhead, which a stream of small messages reaches
+/// while it waits for room. With 64 KiB stream windows, about nine such waiting
+/// streams fit on one connection.
 pub const DEFAULT_HTTP2_CONNECTION_WINDOW: &str = "4194304";
 /// Default for `--max-concurrent-streams` / `INGEST_MAX_CONCURRENT_STREAMS`.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: &str = "128";
+/// Default for `--max-connections` / `INGEST_MAX_CONNECTIONS`.
+pub const DEFAULT_MAX_CONNECTIONS: &str = "1024";
+/// Default for `--handshake-timeout` / `INGEST_HANDSHAKE_TIMEOUT`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: &str = "10s";
+/// Default for `--http2-keepalive-interval` / `INGEST_HTTP2_KEEPALIVE_INTERVAL`.
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL: &str = "30s";
+/// Default for `--http2-keepalive-timeout` / `INGEST_HTTP2_KEEPALIVE_TIMEOUT`.
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: &str = "10s";
+/// Default for `--max-header-list-size` / `INGEST_MAX_HEADER_LIST_SIZE` (32 KiB).
+/// h2 refuses a call over it with HTTP 431 and closes the whole connection only past
+/// four times it, so the default keeps 64 KiB of metadata a per-call error.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: &str = "32768";
 /// Default for `--log-format` / `INGEST_LOG_FORMAT`.
 pub const DEFAULT_LOG_FORMAT: &str = "text";
 
@@ -85,6 +104,14 @@ pub const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
 /// bound on transport memory per connection (streams × stream window)
 /// meaningless.
 pub const MAX_CONCURRENT_STREAMS_LIMIT: u32 = 65_536;
+
+/// Upper bound of `--max-connections`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+/// Bounds of `--max-header-list-size`: gRPC needs its own headers (path, content
+/// type, `te`, deadline, trace context) to fit; more than 1 MiB of metadata per call
+/// is no longer metadata.
+pub const HEADER_LIST_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
 
 /// Raw settings as given on the command line or in the environment.
 ///
@@ -264,6 +291,51 @@ pub struct Args {
     )]
     pub max_concurrent_streams: String,
 
+    /// gRPC connections held at once (1..=1000000). More wait in the listen
+    /// backlog, unaccepted, until one closes; keep the descriptor limit above it.
+    #[arg(
+        long,
+        env = "INGEST_MAX_CONNECTIONS",
+        default_value = DEFAULT_MAX_CONNECTIONS
+    )]
+    pub max_connections: String,
+
+    /// A new connection that has not sent its HTTP/2 preface within this long is
+    /// closed (e.g. 10s).
+    #[arg(
+        long,
+        env = "INGEST_HANDSHAKE_TIMEOUT",
+        default_value = DEFAULT_HANDSHAKE_TIMEOUT
+    )]
+    pub handshake_timeout: String,
+
+    /// How often the server pings each connection to notice a dead peer (e.g.
+    /// 30s).
+    #[arg(
+        long,
+        env = "INGEST_HTTP2_KEEPALIVE_INTERVAL",
+        default_value = DEFAULT_HTTP2_KEEPALIVE_INTERVAL
+    )]
+    pub http2_keepalive_interval: String,
+
+    /// A connection whose peer does not answer a keepalive ping within this long
+    /// is closed (e.g. 10s).
+    #[arg(
+        long,
+        env = "INGEST_HTTP2_KEEPALIVE_TIMEOUT",
+        default_value = DEFAULT_HTTP2_KEEPALIVE_TIMEOUT
+    )]
+    pub http2_keepalive_timeout: String,
+
+    /// Most request metadata (HTTP/2 header list) one call may carry (1KiB to
+    /// 1MiB). A call over it is refused; other calls on its connection go on.
+    #[arg(
+        long,
+        env = "INGEST_MAX_HEADER_LIST_SIZE",
+        default_value = DEFAULT_MAX_HEADER_LIST_SIZE
+    )]
+    pub max_header_list_size: String,
+
     /// Format of the log lines on stderr: `text` (human-readable, for people
     /// at a terminal) or `json` (one JSON object per line, with trace and
     /// span ids, for log pipelines).
@@ -301,6 +373,11 @@ impl Default for Args {
             http2_stream_window: DEFAULT_HTTP2_STREAM_WINDOW.to_owned(),
             http2_connection_window: DEFAULT_HTTP2_CONNECTION_WINDOW.to_owned(),
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS.to_owned(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.to_owned(),
+            http2_keepalive_interval: DEFAULT_HTTP2_KEEPALIVE_INTERVAL.to_owned(),
+            http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT.to_owned(),
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE.to_owned(),
             log_format: DEFAULT_LOG_FORMAT.to_owned(),
         }
     }
@@ -356,6 +433,16 @@ pub struct Config {
     /// Concurrent streams per HTTP/2 connection
     /// (1..=[`MAX_CONCURRENT_STREAMS_LIMIT`]).
     pub max_concurrent_streams: u32,
+    /// gRPC connections held at once (1..=[`MAX_CONNECTIONS_LIMIT`]).
+    pub max_connections: usize,
+    /// Time a new connection has to send its HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Interval of the server's keepalive pings.
+    pub http2_keepalive_interval: Duration,
+    /// Time a peer has to answer a keepalive ping.
+    pub http2_keepalive_timeout: Duration,
+    /// Most request metadata per call, in bytes ([`HEADER_LIST_SIZE_RANGE`]).
+    pub max_header_list_size: u32,
     /// Format of the log lines on stderr.
     pub log_format: LogFormat,
     /// Settings adjusted because of other settings (e.g. a default
@@ -491,6 +578,11 @@ settings! {
     HTTP2_STREAM_WINDOW = "--http2-stream-window", "INGEST_HTTP2_STREAM_WINDOW";
     HTTP2_CONNECTION_WINDOW = "--http2-connection-window", "INGEST_HTTP2_CONNECTION_WINDOW";
     MAX_CONCURRENT_STREAMS = "--max-concurrent-streams", "INGEST_MAX_CONCURRENT_STREAMS";
+    MAX_CONNECTIONS = "--max-connections", "INGEST_MAX_CONNECTIONS";
+    HANDSHAKE_TIMEOUT = "--handshake-timeout", "INGEST_HANDSHAKE_TIMEOUT";
+    HTTP2_KEEPALIVE_INTERVAL = "--http2-keepalive-interval", "INGEST_HTTP2_KEEPALIVE_INTERVAL";
+    HTTP2_KEEPALIVE_TIMEOUT = "--http2-keepalive-timeout", "INGEST_HTTP2_KEEPALIVE_TIMEOUT";
+    MAX_HEADER_LIST_SIZE = "--max-header-list-size", "INGEST_MAX_HEADER_LIST_SIZE";
     LOG_FORMAT = "--log-format", "INGEST_LOG_FORMAT";
 }
 
@@ -613,6 +705,45 @@ impl TryFrom<Args> for Config {
                         )
                     })
             });
+        let max_connections = p.parse(MAX_CONNECTIONS, &args.max_connections, |s| {
+            let n = parse_count(s)?;
+            if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "{s:?} is out of range (expected 1..={MAX_CONNECTIONS_LIMIT} connections)"
+                ))
+            }
+        });
+        let handshake_timeout = p.parse(HANDSHAKE_TIMEOUT, &args.handshake_timeout, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "every connection would be closed at once",
+            )
+        });
+        let http2_keepalive_interval = p.parse(
+            HTTP2_KEEPALIVE_INTERVAL,
+            &args.http2_keepalive_interval,
+            |s| positive(s, parse_duration(s)?, "pings would be sent without pause"),
+        );
+        let http2_keepalive_timeout = p.parse(
+            HTTP2_KEEPALIVE_TIMEOUT,
+            &args.http2_keepalive_timeout,
+            |s| positive(s, parse_duration(s)?, "every ping would time out at once"),
+        );
+        let max_header_list_size = p.parse(MAX_HEADER_LIST_SIZE, &args.max_header_list_size, |s| {
+            let bytes = parse_size(s)?;
+            if HEADER_LIST_SIZE_RANGE.contains(&bytes) {
+                u32::try_from(bytes).map_err(|e| e.to_string())
+            } else {
+                Err(format!(
+                    "{s:?} ({bytes} bytes) is out of range (expected {}..={} bytes)",
+                    HEADER_LIST_SIZE_RANGE.start(),
+                    HEADER_LIST_SIZE_RANGE.end()
+                ))
+            }
+        });
         let log_format = p.parse(LOG_FORMAT, &args.log_format, parse_log_format);
 
         // Cross-field checks, only where both sides parsed.
@@ -686,6 +817,11 @@ impl TryFrom<Args> for Config {
             Some(http2_stream_window),
             Some(http2_connection_window),
             Some(max_concurrent_streams),
+            Some(max_connections),
+            Some(handshake_timeout),
+            Some(http2_keepalive_interval),
+            Some(http2_keepalive_timeout),
+            Some(max_header_list_size),
             Some(log_format),
         ) = (
             listen,
@@ -708,6 +844,11 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            max_connections,
+            handshake_timeout,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            max_header_list_size,
             log_format,
         )
         else {
@@ -740,6 +881,11 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            max_connections,
+            handshake_timeout,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            max_header_list_size,
             log_format,
             notices,
         })
@@ -1013,8 +1159,11 @@ mod tests {
         assert_eq!(c.retry_after, Duration::from_millis(250));
         assert_eq!(c.stream_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.stream_stall_timeout, Duration::from_secs(30));
-        assert_eq!(c.http2_stream_window, 1024 * 1024);
+        assert_eq!(c.http2_stream_window, 64 * 1024);
         assert_eq!(c.http2_connection_window, 4 * 1024 * 1024);
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_header_list_size, 32 * 1024);
         assert_eq!(c.max_concurrent_streams, 128);
         assert_eq!(c.log_format, LogFormat::Text);
     }
@@ -1181,6 +1330,11 @@ mod tests {
             http2_stream_window: "x".into(),
             http2_connection_window: "x".into(),
             max_concurrent_streams: "x".into(),
+            max_connections: "x".into(),
+            handshake_timeout: "x".into(),
+            http2_keepalive_interval: "x".into(),
+            http2_keepalive_timeout: "x".into(),
+            max_header_list_size: "x".into(),
             log_format: "x".into(),
         });
         assert_eq!(errs.len(), ALL_SETTINGS.len(), "{errs:#?}");

@@ -12,9 +12,12 @@ pub mod admission;
 pub mod api;
 pub mod config;
 pub mod health;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod properties;
 pub mod publisher;
 pub mod shutdown;
 pub mod telemetry;
+pub mod transport;
 pub mod validate;
 
 /// Code generated from `proto/ingest/v1/ingest.proto`.
@@ -29,7 +32,6 @@ pub mod proto {
 use std::{future::Future, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle, time::Instant};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -208,6 +210,10 @@ impl App {
             metrics: metrics.clone(),
         });
 
+        let transport_settings = transport::TransportSettings {
+            max_connections: config.max_connections,
+            handshake_timeout: config.handshake_timeout,
+        };
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(
             // Transport bounds: what a caller can park in this process before flow
@@ -218,14 +224,20 @@ impl App {
                 .initial_connection_window_size(config.http2_connection_window)
                 .http2_adaptive_window(Some(false))
                 .max_concurrent_streams(config.max_concurrent_streams)
+                .http2_max_header_list_size(config.max_header_list_size)
+                .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+                .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
                 .layer(intake)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(ingest)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    transport::incoming(listener, transport_settings),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
 
         tokio::select! {

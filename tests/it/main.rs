@@ -1,3 +1,4 @@
+mod abuse;
 mod bench_smoke;
 mod broker_node;
 mod examples;

@@ -33,13 +33,34 @@ impl ChildServer {
         env: &[(&str, &str)],
         stderr: Stdio,
     ) -> Self {
+        Self::start_wrapped(&[], amqp_url, exchange, env, stderr)
+    }
+
+    /// Like [`ChildServer::start_with_stderr`], run through `wrapper` (a program and
+    /// its arguments that execs the binary, e.g. `prlimit --nofile=64`), so the pid
+    /// is still the server's.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        amqp_url: &str,
+        exchange: &str,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+        let binary = env!("CARGO_BIN_EXE_ingest");
+        let mut command = match wrapper {
+            [] => Command::new(binary),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+        };
         command
             .env("INGEST_LISTEN", &addr)
             .env("INGEST_ADMIN_LISTEN", "127.0.0.1:0")
