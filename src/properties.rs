@@ -100,11 +100,23 @@ pub fn framing(data: &[u8], cuts: &[usize]) {
     };
     let whole = walk(limits, data, &[]);
     let cut = walk(limits, data, cuts);
-    assert_eq!(whole, cut, "the chunking changed the framing");
+    assert_eq!(
+        (&whole.stops, whole.refused),
+        (&cut.stops, cut.refused),
+        "the chunking changed the framing"
+    );
+    // A refused advance does not say how far it got: whether the last admitted
+    // message's final byte passed before the refusal depends on the chunking, so
+    // only the messages before it are surely whole.
+    let passed = if whole.refused {
+        (whole.stops.len() / 2).saturating_sub(1)
+    } else {
+        whole.passed
+    };
     // Messages passed whole, in order: check each against the decoder.
     let mut at = 0;
     let mut stops = whole.stops.iter();
-    for _ in 0..whole.passed {
+    for _ in 0..passed {
         let Some(Stop::Message { len }) = stops.next() else {
             break;
         };

@@ -330,7 +330,8 @@ impl Framer {
                 continue;
             };
             // Inside an event: at most its own bytes.
-            let end = n.min(i + usize::try_from(event.left).unwrap_or(usize::MAX));
+            // `left` is the peer's varint: anything up to 2^64 - 1.
+            let end = n.min(i.saturating_add(usize::try_from(event.left).unwrap_or(usize::MAX)));
             let k = walk_fields(&mut event.field, &data[i..end], |number| {
                 if number == 5 {
                     event.attributes += 1;
@@ -676,6 +677,19 @@ mod tests {
         truncated.truncate(truncated.len() - 3);
         assert!(matches!(
             run(LIMITS, &truncated, 2),
+            Err(FrameError::Malformed(_))
+        ));
+        // An event whose length is the largest varint (found by the fuzzer: the end
+        // of the event's bytes once overflowed and sliced backwards).
+        let mut huge = vec![0x0a];
+        huge.extend_from_slice(&[0xff; 9]);
+        huge.push(0x01);
+        huge.extend_from_slice(&[0x12, 0x01, b't']);
+        let mut body = vec![0];
+        body.extend_from_slice(&(huge.len() as u32).to_be_bytes());
+        body.extend_from_slice(&huge);
+        assert!(matches!(
+            run(LIMITS, &body, 4096),
             Err(FrameError::Malformed(_))
         ));
         // A group (wire type 3) is not part of a PublishRequest.

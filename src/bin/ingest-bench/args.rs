@@ -162,6 +162,11 @@ pub enum Scenario {
     /// Unary Publish far above capacity against a stalled broker.
     #[value(name = "overload")]
     Overload,
+    /// Raw HTTP/2 floods of the largest requests, broker healthy and stalled: the
+    /// server's peak RSS per flood, and what one in-flight event costs. Not in the
+    /// default set (about a minute).
+    #[value(name = "abuse")]
+    Abuse,
 }
 
 impl Scenario {
@@ -174,6 +179,7 @@ impl Scenario {
             Scenario::Stream1 => "stream-1",
             Scenario::Stream100 => "stream-100",
             Scenario::Overload => "overload",
+            Scenario::Abuse => "abuse",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! It is a separate binary with its own modules so that the service binary carries
 //! none of its dependencies (progress bars, plotting, histograms).
 
+mod abuse;
 mod args;
 mod broker;
 mod direct;
@@ -71,8 +72,11 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     let mut ok = true;
     let mut rows = Vec::with_capacity(args.scenarios.len());
     for &scenario in &args.scenarios {
-        if scenario == Scenario::Overload && args.addr.is_some() {
-            eprintln!("ingest-bench: overload skipped: it needs a server it starts (no --addr)");
+        if matches!(scenario, Scenario::Overload | Scenario::Abuse) && args.addr.is_some() {
+            eprintln!(
+                "ingest-bench: {} skipped: it needs a server it starts (no --addr)",
+                scenario.name()
+            );
             continue;
         }
         match scenarios::run(&env, scenario).await {

@@ -150,10 +150,9 @@ pub fn fill_ratios(rows: &mut [Row]) {
         .filter(|&rate| rate > 0.0);
     if let Some(direct) = direct {
         // Overload's throughput is bounded by the stall by design; no ratio.
-        for row in rows
-            .iter_mut()
-            .filter(|r| r.scenario != Scenario::Overload.name())
-        {
+        for row in rows.iter_mut().filter(|r| {
+            r.scenario != Scenario::Overload.name() && r.scenario != Scenario::Abuse.name()
+        }) {
             row.ratio_to_direct = Some(row.events_per_sec / direct);
         }
     }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use ingest::proto::Event;
 
 use crate::{
+    abuse,
     args::{Args, Scenario},
     broker::{Broker, Topology, unique},
     direct::Direct,
@@ -137,6 +138,9 @@ pub async fn run(env: &Env<'_>, scenario: Scenario) -> anyhow::Result<Measured> 
     if scenario == Scenario::Overload {
         return overload::run(env, &progress).await;
     }
+    if scenario == Scenario::Abuse {
+        return abuse::run(env, &progress).await;
+    }
     let topology = env.topology(scenario.name(), false);
     env.broker.declare(&topology, env.queue_expiry()).await?;
     let measured = steady(env, scenario, &topology, &progress).await;
@@ -253,7 +257,9 @@ async fn steady(
                 streams: args.streams,
                 batch: BATCH,
             },
-            Scenario::Direct | Scenario::Overload => unreachable!("handled above"),
+            Scenario::Direct | Scenario::Overload | Scenario::Abuse => {
+                unreachable!("handled above")
+            }
         }
     };
 
