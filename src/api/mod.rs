@@ -134,7 +134,12 @@ impl Ingest for IngestService {
         let call = Call::start(&self.metrics, Rpc::PublishStream, request.metadata());
         let _open = self.metrics.stream_opened();
         let result = if self.draining.is_cancelled() {
-            Err(status::shutting_down())
+            // Every stream answer says how much of it was confirmed: here, nothing.
+            let mut status = status::shutting_down();
+            status
+                .metadata_mut()
+                .insert(CONFIRMED_COUNT, tonic::metadata::MetadataValue::from(0u64));
+            Err(status)
         } else {
             let ctx = stream::StreamContext {
                 tickets: request

@@ -321,8 +321,8 @@ async fn every_validation_rule_is_invalid_argument_naming_the_field_and_publishe
         json_event("orders.created", "", &format!("\"{}\"", "a".repeat(1022))),
         json_event(&"t".repeat(255), &"i".repeat(128), "{}"),
         // 64 attributes, one with the longest key and value. (64 of those at once
-        // are valid too, but see
-        // `maximal_attributes_do_not_take_the_broker_connection_down`.)
+        // would be over the 64 KiB all attributes may hold together; the largest
+        // valid set is `maximal_attributes_do_not_take_the_broker_connection_down`'s.)
         with_attrs(
             (0..64)
                 .map(|i| match i {
