@@ -21,6 +21,8 @@ struct Admin {
     broker: watch::Receiver<BrokerState>,
     /// Why the broker is not connected, shown in `/readyz`.
     last_error: LastError,
+    /// What `/readyz` says while the broker is stalled.
+    stall_reason: String,
     draining: CancellationToken,
 }
 
@@ -30,6 +32,7 @@ pub async fn serve(
     metrics: Metrics,
     broker: watch::Receiver<BrokerState>,
     last_error: LastError,
+    stall_reason: String,
     draining: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -41,6 +44,7 @@ pub async fn serve(
             metrics,
             broker,
             last_error,
+            stall_reason,
             draining,
         });
     axum::serve(listener, app)
@@ -66,6 +70,12 @@ async fn ready(State(admin): State<Admin>) -> (StatusCode, String) {
             None => "not connected to RabbitMQ (connecting)\n".to_owned(),
         };
         return (StatusCode::SERVICE_UNAVAILABLE, body);
+    }
+    if state.stalled {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", admin.stall_reason),
+        );
     }
     (StatusCode::OK, "ready\n".to_owned())
 }

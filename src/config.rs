@@ -68,6 +68,8 @@ pub const DEFAULT_HTTP2_STREAM_WINDOW: &str = "65536";
 pub const DEFAULT_HTTP2_CONNECTION_WINDOW: &str = "4194304";
 /// Default for `--max-concurrent-streams` / `INGEST_MAX_CONCURRENT_STREAMS`.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: &str = "128";
+/// Default for `--stall-after` / `INGEST_STALL_AFTER`.
+pub const DEFAULT_STALL_AFTER: &str = "2s";
 /// Default for `--max-connections` / `INGEST_MAX_CONNECTIONS`.
 pub const DEFAULT_MAX_CONNECTIONS: &str = "1024";
 /// Default for `--handshake-timeout` / `INGEST_HANDSHAKE_TIMEOUT`.
@@ -291,6 +293,13 @@ pub struct Args {
     )]
     pub max_concurrent_streams: String,
 
+    /// With events outstanding and no confirm (or nack, or return) from RabbitMQ for
+    /// this long, the broker counts as stalled: new unary calls are refused at once
+    /// with UNAVAILABLE, streams stop reading, readiness turns 503 and health
+    /// NOT_SERVING, until the next confirm (e.g. 2s).
+    #[arg(long, env = "INGEST_STALL_AFTER", default_value = DEFAULT_STALL_AFTER)]
+    pub stall_after: String,
+
     /// gRPC connections held at once (1..=1000000). More wait in the listen
     /// backlog, unaccepted, until one closes; keep the descriptor limit above it.
     #[arg(
@@ -373,6 +382,7 @@ impl Default for Args {
             http2_stream_window: DEFAULT_HTTP2_STREAM_WINDOW.to_owned(),
             http2_connection_window: DEFAULT_HTTP2_CONNECTION_WINDOW.to_owned(),
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS.to_owned(),
+            stall_after: DEFAULT_STALL_AFTER.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS.to_owned(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.to_owned(),
             http2_keepalive_interval: DEFAULT_HTTP2_KEEPALIVE_INTERVAL.to_owned(),
@@ -433,6 +443,8 @@ pub struct Config {
     /// Concurrent streams per HTTP/2 connection
     /// (1..=[`MAX_CONCURRENT_STREAMS_LIMIT`]).
     pub max_concurrent_streams: u32,
+    /// No broker answer for this long with events outstanding: stalled.
+    pub stall_after: Duration,
     /// gRPC connections held at once (1..=[`MAX_CONNECTIONS_LIMIT`]).
     pub max_connections: usize,
     /// Time a new connection has to send its HTTP/2 preface.
@@ -578,6 +590,7 @@ settings! {
     HTTP2_STREAM_WINDOW = "--http2-stream-window", "INGEST_HTTP2_STREAM_WINDOW";
     HTTP2_CONNECTION_WINDOW = "--http2-connection-window", "INGEST_HTTP2_CONNECTION_WINDOW";
     MAX_CONCURRENT_STREAMS = "--max-concurrent-streams", "INGEST_MAX_CONCURRENT_STREAMS";
+    STALL_AFTER = "--stall-after", "INGEST_STALL_AFTER";
     MAX_CONNECTIONS = "--max-connections", "INGEST_MAX_CONNECTIONS";
     HANDSHAKE_TIMEOUT = "--handshake-timeout", "INGEST_HANDSHAKE_TIMEOUT";
     HTTP2_KEEPALIVE_INTERVAL = "--http2-keepalive-interval", "INGEST_HTTP2_KEEPALIVE_INTERVAL";
@@ -705,6 +718,13 @@ impl TryFrom<Args> for Config {
                         )
                     })
             });
+        let stall_after = p.parse(STALL_AFTER, &args.stall_after, |s| {
+            positive(
+                s,
+                parse_duration(s)?,
+                "every busy moment would count as a stall",
+            )
+        });
         let max_connections = p.parse(MAX_CONNECTIONS, &args.max_connections, |s| {
             let n = parse_count(s)?;
             if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) {
@@ -817,6 +837,7 @@ impl TryFrom<Args> for Config {
             Some(http2_stream_window),
             Some(http2_connection_window),
             Some(max_concurrent_streams),
+            Some(stall_after),
             Some(max_connections),
             Some(handshake_timeout),
             Some(http2_keepalive_interval),
@@ -844,6 +865,7 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            stall_after,
             max_connections,
             handshake_timeout,
             http2_keepalive_interval,
@@ -881,6 +903,7 @@ impl TryFrom<Args> for Config {
             http2_stream_window,
             http2_connection_window,
             max_concurrent_streams,
+            stall_after,
             max_connections,
             handshake_timeout,
             http2_keepalive_interval,
@@ -1162,6 +1185,7 @@ mod tests {
         assert_eq!(c.http2_stream_window, 64 * 1024);
         assert_eq!(c.http2_connection_window, 4 * 1024 * 1024);
         assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.stall_after, Duration::from_secs(2));
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_header_list_size, 32 * 1024);
         assert_eq!(c.max_concurrent_streams, 128);
@@ -1330,6 +1354,7 @@ mod tests {
             http2_stream_window: "x".into(),
             http2_connection_window: "x".into(),
             max_concurrent_streams: "x".into(),
+            stall_after: "x".into(),
             max_connections: "x".into(),
             handshake_timeout: "x".into(),
             http2_keepalive_interval: "x".into(),

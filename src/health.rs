@@ -1,5 +1,6 @@
 //! gRPC health (`grpc.health.v1`): the overall status and `ingest.v1.Ingest` are
-//! `SERVING` exactly while the broker connection is up and the service is not draining.
+//! `SERVING` exactly while the broker connection is up and answering (not stalled) and
+//! the service is not draining.
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +19,8 @@ pub async fn follow(
     draining: CancellationToken,
 ) {
     loop {
-        let serving = broker.borrow_and_update().connected && !draining.is_cancelled();
+        let state = *broker.borrow_and_update();
+        let serving = state.connected && !state.stalled && !draining.is_cancelled();
         report(&reporter, serving).await;
         if draining.is_cancelled() {
             return;

@@ -95,6 +95,7 @@ impl App {
                 channels: config.channels,
                 confirm_timeout: config.confirm_timeout,
                 reconnect_max_backoff: config.reconnect_max_backoff,
+                stall_after: config.stall_after,
             },
             state,
             metrics.clone(),
@@ -145,6 +146,7 @@ impl App {
             metrics.clone(),
             publisher.watch_state(),
             publisher.last_error(),
+            publisher.stall_reason(),
             draining.clone(),
             admin_stop.clone().cancelled_owned(),
         ));

@@ -201,10 +201,15 @@ impl IngestService {
         if self.draining.is_cancelled() {
             return Err(reject(Reason::Unavailable, status::shutting_down()));
         }
-        // Fail fast while the broker is away, before any other work.
-        if !self.publisher.state().connected {
+        // Fail fast while the broker is away or stalled, before any other work.
+        let state = self.publisher.state();
+        if !state.connected {
             let status = status::disconnected(self.publisher.last_error().get().as_deref());
             return Err(reject(Reason::Unavailable, status));
+        }
+        if state.stalled {
+            let status = status::stalled(&self.publisher.stall_reason());
+            return Err(reject(Reason::Stalled, status));
         }
         let refused = |e: AdmitError| {
             reject(

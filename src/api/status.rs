@@ -33,10 +33,10 @@ pub(crate) fn invalid(violations: Vec<FieldViolation>) -> Status {
 /// Admission refused the request.
 pub(crate) fn not_admitted(error: AdmitError, retry_after: Duration) -> Status {
     match error {
-        AdmitError::Exhausted { .. } => Status::with_error_details(
+        AdmitError::Exhausted { .. } => retryable(
             Code::ResourceExhausted,
             format!("{error}; retry later"),
-            ErrorDetails::with_retry_info(Some(retry_after)),
+            retry_after,
         ),
         AdmitError::TooLarge {
             what,
@@ -80,11 +80,7 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
         | PublishError::Nacked
         | PublishError::ConfirmTimeout
         | PublishError::Blocked
-        | PublishError::Channel(_) => Status::with_error_details(
-            Code::Unavailable,
-            message,
-            ErrorDetails::with_retry_info(Some(UNAVAILABLE_RETRY)),
-        ),
+        | PublishError::Channel(_) => retryable(Code::Unavailable, message, UNAVAILABLE_RETRY),
     }
 }
 
@@ -94,13 +90,22 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
 pub(crate) fn disconnected(reason: Option<&str>) -> Status {
     let status = publish_failed(&PublishError::Disconnected, None);
     match reason {
-        Some(reason) => Status::with_error_details(
+        Some(reason) => retryable(
             status.code(),
             format!("{}: {reason}", status.message()),
-            ErrorDetails::with_retry_info(Some(UNAVAILABLE_RETRY)),
+            UNAVAILABLE_RETRY,
         ),
         None => status,
     }
+}
+
+/// A call refused at once because the broker holds events without answering any.
+pub(crate) fn stalled(reason: &str) -> Status {
+    retryable(
+        Code::Unavailable,
+        format!("{reason}; retry later or on another instance"),
+        UNAVAILABLE_RETRY,
+    )
 }
 
 /// A batch in which some event was not confirmed.
@@ -112,15 +117,36 @@ pub(crate) fn batch_failed(failure: &BatchFailure, events: usize) -> Status {
         failure.failed
     );
     let details = status.check_error_details().unwrap_or_default();
+    let pushback = status.metadata().get(RETRY_PUSHBACK).cloned();
     status = Status::with_error_details(status.code(), message, details);
+    if let Some(pushback) = pushback {
+        status.metadata_mut().insert(RETRY_PUSHBACK, pushback);
+    }
     status
 }
 
 /// The service is draining.
 pub(crate) fn shutting_down() -> Status {
-    Status::with_error_details(
+    retryable(
         Code::Unavailable,
         "ingest is shutting down; retry on another instance",
-        ErrorDetails::with_retry_info(Some(UNAVAILABLE_RETRY)),
+        UNAVAILABLE_RETRY,
     )
+}
+
+/// Trailing metadata gRPC's built-in retry reads (gRFC A6): how long to wait before
+/// the next attempt, in milliseconds. Sent with every `RetryInfo`, which generated
+/// clients' retry policies do not read.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// A status callers should retry after `delay`: `RetryInfo` for clients that read
+/// the rich details, `grpc-retry-pushback-ms` for gRPC's own retry.
+pub(crate) fn retryable(code: Code, message: impl Into<String>, delay: Duration) -> Status {
+    let mut status =
+        Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)));
+    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    status
+        .metadata_mut()
+        .insert(RETRY_PUSHBACK, tonic::metadata::MetadataValue::from(millis));
+    status
 }

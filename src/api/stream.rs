@@ -128,20 +128,30 @@ async fn read_all(
         ctx.metrics
             .rejected(Reason::Invalid, received - valid.len());
         if !valid.is_empty() {
-            // A broker that is away stalls the stream (it holds its room and reads no
-            // further) until it is back, or the stall timeout ends the stream.
-            if !ctx.publisher.state().connected {
+            // A broker that is away or stalled stalls the stream (it holds its room
+            // and reads no further) until it answers again, or the stall timeout ends
+            // the stream.
+            let usable = |s: &publisher::BrokerState| s.connected && !s.stalled;
+            if !usable(&ctx.publisher.state()) {
                 let mut state = ctx.publisher.watch_state();
-                let back = tokio::time::timeout(ctx.stall_timeout, state.wait_for(|s| s.connected));
+                let back = tokio::time::timeout(ctx.stall_timeout, state.wait_for(usable));
                 if !matches!(progress.settling(ctx.draining, back).await?, Ok(Ok(_))) {
-                    ctx.metrics.rejected(Reason::Unavailable, valid.len());
-                    return Err(status::publish_failed(
-                        &PublishError::Disconnected,
-                        Some(format!(
-                            "stream stalled {:?} (stream-stall-timeout)",
-                            ctx.stall_timeout
-                        )),
-                    ));
+                    let was_stalled = ctx.publisher.state().stalled;
+                    let reason = if was_stalled {
+                        Reason::Stalled
+                    } else {
+                        Reason::Unavailable
+                    };
+                    ctx.metrics.rejected(reason, valid.len());
+                    let waited = format!(
+                        "stream stalled {:?} (stream-stall-timeout)",
+                        ctx.stall_timeout
+                    );
+                    return Err(if was_stalled {
+                        status::stalled(&format!("{waited}: {}", ctx.publisher.stall_reason()))
+                    } else {
+                        status::publish_failed(&PublishError::Disconnected, Some(waited))
+                    });
                 }
             }
             let n = valid.len();

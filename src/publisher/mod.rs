@@ -8,6 +8,7 @@
 
 mod amqp;
 mod last_error;
+mod stall;
 mod supervisor;
 
 pub use last_error::LastError;
@@ -56,6 +57,8 @@ pub struct PublisherSettings {
     pub confirm_timeout: Duration,
     /// Cap of the exponential backoff between connection attempts.
     pub reconnect_max_backoff: Duration,
+    /// No answer from the broker for this long, with events outstanding: stalled.
+    pub stall_after: Duration,
 }
 
 /// Why an event was not confirmed.
@@ -113,6 +116,9 @@ pub struct BrokerState {
     pub connected: bool,
     /// The broker sent `connection.blocked` (memory or disk alarm).
     pub blocked: bool,
+    /// Events are outstanding and the broker has answered none for `--stall-after`
+    /// (see `publisher::stall`).
+    pub stalled: bool,
 }
 
 /// What became of one batch.
@@ -161,7 +167,8 @@ struct Shared {
     /// The open channels; `None` while disconnected. Read per batch, written on
     /// (re)connect, so a plain `RwLock` around an `Arc` costs one uncontended read.
     pool: RwLock<Option<Arc<Pool>>>,
-    /// Connection state for health and readiness; the supervisor is the only writer.
+    /// Connection state for health and readiness; written by the supervisor, and by
+    /// the stall watcher (`stalled` only).
     state: watch::Sender<BrokerState>,
     /// Woken when a publish saw a dead channel, so the supervisor replaces it.
     repair: Notify,
@@ -177,6 +184,8 @@ struct Shared {
     metrics: Metrics,
     /// Why the broker is not connected (the supervisor writes it).
     last_error: LastError,
+    /// Events outstanding and the broker's last answer, for stall detection.
+    progress: stall::Progress,
 }
 
 #[derive(Debug)]
@@ -219,9 +228,17 @@ impl Publisher {
             stop: CancellationToken::new(),
             metrics,
             last_error: LastError::default(),
+            progress: stall::Progress::new(),
         });
+        let watched = Arc::clone(&shared);
+        tokio::spawn(async move { stall::watch(&watched).await });
         let task = tokio::spawn(supervisor::run(Arc::clone(&shared)));
         Ok((Self { shared }, task))
+    }
+
+    /// Why the broker counts as stalled, in words, for callers and readiness.
+    pub fn stall_reason(&self) -> String {
+        stall::reason(self.shared.settings.stall_after)
     }
 
     /// Current broker state.
@@ -400,6 +417,7 @@ async fn publish_batch(
     }
     // `join_all` polls every publish once, in order, before awaiting any confirm:
     // the whole batch is pipelined on the channel, in order.
+    shared.progress.sent(events.len());
     let mut publishes = pin!(futures::future::join_all(events.iter().map(
         |event| async {
             let started = Instant::now();
@@ -415,6 +433,11 @@ async fn publish_batch(
             if result.is_ok() {
                 shared.metrics.confirm_latency(started.elapsed());
             }
+            let answered = matches!(
+                result,
+                Ok(()) | Err(PublishError::Nacked | PublishError::Unroutable { .. })
+            );
+            shared.progress.settled(answered);
             result
         }
     )));

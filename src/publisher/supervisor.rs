@@ -172,6 +172,7 @@ async fn setup(shared: &Shared, connection: &Connection) -> Result<(), String> {
     shared.state.send_replace(BrokerState {
         connected: true,
         blocked: connection.status().blocked(),
+        stalled: false,
     });
     Ok(())
 }

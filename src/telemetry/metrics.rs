@@ -9,7 +9,7 @@
 //! | `ingest_events_rejected_total` | counter | `reason` |
 //! | `ingest_buffer_events`, `ingest_buffer_bytes` | gauge | |
 //! | `ingest_buffer_events_capacity`, `ingest_buffer_bytes_capacity` | gauge | |
-//! | `ingest_broker_connected`, `ingest_broker_blocked` | gauge (0/1) | |
+//! | `ingest_broker_connected`, `ingest_broker_blocked`, `ingest_broker_stalled` | gauge (0/1) | |
 //! | `ingest_publish_confirm_seconds` | histogram | |
 //! | `ingest_rpc_duration_seconds` | histogram | `rpc`, `code` |
 //! | `ingest_streams_active` | gauge | |
@@ -49,11 +49,13 @@ pub enum Reason {
     Deadline,
     /// The caller went away before the answer.
     Cancelled,
+    /// Refused while the broker was stalled.
+    Stalled,
 }
 
 impl Reason {
     /// Every reason, in label order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Invalid,
         Reason::Exhausted,
         Reason::Unavailable,
@@ -62,6 +64,7 @@ impl Reason {
         Reason::Timeout,
         Reason::Deadline,
         Reason::Cancelled,
+        Reason::Stalled,
     ];
 
     fn as_str(self) -> &'static str {
@@ -74,6 +77,7 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Deadline => "deadline",
             Reason::Cancelled => "cancelled",
+            Reason::Stalled => "stalled",
         }
     }
 }
@@ -114,7 +118,7 @@ struct Inner {
     rpc_labels: [[KeyValue; 1]; 2],
     /// `[rpc][code]` label pairs for the RPC duration histogram.
     rpc_code_labels: [Vec<[KeyValue; 2]>; 2],
-    reason_labels: [[KeyValue; 1]; 8],
+    reason_labels: [[KeyValue; 1]; 9],
 }
 
 impl Metrics {
@@ -304,10 +308,16 @@ fn register_gauges(meter: &Meter, admission: Arc<Admission>, broker: watch::Rece
         "1 while connected to RabbitMQ",
         Box::new(move || u64::from(b.borrow().connected)),
     );
-    let b = broker;
+    let b = broker.clone();
     gauge(
         "ingest_broker_blocked",
         "1 while RabbitMQ blocks publishers",
         Box::new(move || u64::from(b.borrow().blocked)),
+    );
+    let b = broker;
+    gauge(
+        "ingest_broker_stalled",
+        "1 while RabbitMQ holds events without answering any (--stall-after)",
+        Box::new(move || u64::from(b.borrow().stalled)),
     );
 }

@@ -55,6 +55,7 @@ async fn broker_absent_at_start_is_not_serving_and_fails_fast_then_recovers() {
             status.get_details_retry_info().is_some(),
             "UNAVAILABLE carries RetryInfo"
         );
+        assert_pushback(&status);
     }
     assert_eq!(server.admission.in_use().events, 0);
 
@@ -114,6 +115,7 @@ async fn stalled_broker_pushes_back_unary_callers_and_admitted_calls_complete() 
             .get_details_retry_info()
             .expect("RESOURCE_EXHAUSTED carries RetryInfo");
         assert!(retry.retry_delay.is_some());
+        assert_pushback(&status);
         refused.insert(id);
     }
     assert_eq!(server.admission.in_use().events, BUFFER);
@@ -553,4 +555,23 @@ async fn a_channel_whose_confirm_timed_out_is_replaced() {
     drop(server);
     let _ = std::fs::remove_file(&log_path);
     queue.cleanup().await;
+}
+
+/// gRPC's built-in retry reads only `grpc-retry-pushback-ms` (gRFC A6): every
+/// `RetryInfo` must come with it, saying the same delay.
+#[track_caller]
+fn assert_pushback(status: &tonic::Status) {
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo with a delay");
+    let pushback: u128 = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap_or_else(|| panic!("no grpc-retry-pushback-ms beside RetryInfo: {status:?}"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(pushback, delay.as_millis(), "{status:?}");
 }

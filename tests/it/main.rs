@@ -10,6 +10,7 @@ mod publish;
 mod python_client;
 mod shutdown;
 mod soak;
+mod stall;
 mod stream;
 mod support;
 mod support_selftest;

@@ -13,48 +13,16 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value,
     trace::v1::{Span, span::SpanKind},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::Mutex,
-};
+use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    AMQP_ADDR, AMQP_URL, ChildServer, FaultProxy, Mode, TestQueue, json_event, request,
+    AMQP_ADDR, AMQP_URL, ChildServer, FaultProxy, Mode, TestQueue, http_get, json_event, request,
     spawn_server, test_config, unique,
 };
 
 const GUARD: Duration = Duration::from_secs(30);
-/// Longest wait for the admin listener's answer to one local HTTP request.
-const HTTP_ANSWER: Duration = Duration::from_secs(10);
-
-/// GET `path` from `addr` over HTTP/1.0: (status code, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    };
-    // HTTP/1.0: the answer ends when the server closes the connection.
-    let response = tokio::time::timeout(HTTP_ANSWER, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            panic!("GET {path} on {addr}: no complete answer within {HTTP_ANSWER:?}")
-        });
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The value of the series `name{labels...}` (labels given as `k="v"` substrings).
 fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics

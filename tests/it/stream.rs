@@ -336,7 +336,12 @@ async fn stalled_broker_stalls_streams_with_bounded_memory_then_everything_lands
             .unwrap()
             .unwrap();
         let status = result.expect_err("nothing can be confirmed while the broker is stalled");
-        assert_eq!(status.code(), Code::ResourceExhausted, "{id}: {status:?}");
+        // Pushed back: the unary quarter is full, or the stall has been noticed.
+        assert!(
+            status.code() == Code::ResourceExhausted
+                || (status.code() == Code::Unavailable && status.message().contains("stalled")),
+            "{id}: {status:?}"
+        );
         assert!(status.get_details_retry_info().is_some());
         refused += 1;
     }
@@ -362,7 +367,11 @@ async fn stalled_broker_stalls_streams_with_bounded_memory_then_everything_lands
         let (id, result) = joined.unwrap();
         match result {
             Ok(_) => unary_pending.push(id),
-            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{id}: {status:?}"),
+            Err(status) => assert!(
+                status.code() == Code::ResourceExhausted
+                    || (status.code() == Code::Unavailable && status.message().contains("stalled")),
+                "{id}: {status:?}"
+            ),
         }
     }
     all_ids.extend(unary_pending);

@@ -221,3 +221,33 @@ impl TestServer {
         count
     }
 }
+
+/// Longest wait for the admin listener's answer to one local HTTP request.
+const HTTP_ANSWER: Duration = Duration::from_secs(10);
+
+/// GET `path` from `addr` over HTTP/1.0: (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let exchange = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    // HTTP/1.0: the answer ends when the server closes the connection.
+    let response = tokio::time::timeout(HTTP_ANSWER, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("GET {path} on {addr}: no complete answer within {HTTP_ANSWER:?}")
+        });
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
