@@ -246,7 +246,16 @@ async function main() {
     defaults: true,
   });
   const { Ingest } = grpc.loadPackageDefinition(definition).ingest.v1;
-  const client = new Ingest(values.addr, grpc.credentials.createInsecure());
+  // The shipped gRPC service config: grpc-js's own retry for Publish (UNAVAILABLE and
+  // RESOURCE_EXHAUSTED, honouring the server's grpc-retry-pushback-ms).
+  const serviceConfig = require('node:fs').readFileSync(
+    path.join(PROTO_ROOT, 'ingest/v1/service_config.json'),
+    'utf8',
+  );
+  const client = new Ingest(values.addr, grpc.credentials.createInsecure(), {
+    'grpc.service_config': serviceConfig,
+    'grpc.enable_retries': 1,
+  });
 
   const now = Date.now();
   const event = {

@@ -32,6 +32,18 @@ except ImportError as missing:  # pragma: no cover - depends on the machine
 # The proto tree these examples belong to.
 PROTO_ROOT = Path(__file__).resolve().parent.parent.parent / "proto"
 PROTO_FILE = "ingest/v1/ingest.proto"
+# The gRPC service config ingest ships: gRPC's own retry for Publish.
+SERVICE_CONFIG = PROTO_ROOT / "ingest/v1/service_config.json"
+
+
+def channel_options() -> list[tuple[str, object]]:
+    """Channel options that make a plain generated stub retry Publish by itself, as
+    the shipped service config says (UNAVAILABLE and RESOURCE_EXHAUSTED, honouring
+    the server's grpc-retry-pushback-ms)."""
+    return [
+        ("grpc.service_config", SERVICE_CONFIG.read_text()),
+        ("grpc.enable_retries", 1),
+    ]
 
 # Trailing metadata: how many leading events of the stream were confirmed.
 CONFIRMED_COUNT = "ingest-confirmed-count"

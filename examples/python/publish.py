@@ -45,6 +45,7 @@ from ingest_common import (
     BACKOFF_MAX,
     CONFIRMED_COUNT,
     RETRYABLE,
+    channel_options,
     retry_delay,
     status_details,
     stubs,
@@ -237,7 +238,9 @@ def main() -> int:
     expected = int(unary) + (args.count if stream else 0)
     confirmed = 0
     failure = None
-    with stubs() as (pb2, pb2_grpc), grpc.insecure_channel(args.addr) as channel:
+    with stubs() as (pb2, pb2_grpc), grpc.insecure_channel(
+        args.addr, options=channel_options()
+    ) as channel:
         stub = pb2_grpc.IngestStub(channel)
         try:
             if unary:

@@ -11,7 +11,9 @@ use std::{collections::HashSet, path::Path, process::Stdio, time::Duration};
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::support::{AMQP_URL, TestQueue, spawn_ready_server, test_config, unique};
+use crate::support::{
+    AMQP_ADDR, AMQP_URL, FaultProxy, Mode, TestQueue, spawn_ready_server, test_config, unique,
+};
 
 /// Upper bound for one run of the Python client (stub generation included).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -208,6 +210,123 @@ async fn python_client_resumes_after_the_server_closes_an_idle_stream() {
         "the queue holds other ids than expected"
     );
 
+    server.stop().await.expect("service stops cleanly");
+    queue.cleanup().await;
+}
+
+/// Runs `retry_publish.py` (a plain stub with the shipped service config, no retry
+/// code) with `args`: whether it exited 0, the ids it got OK for, its JSON summary.
+async fn run_retry_client(args: Vec<String>) -> (bool, Vec<String>, Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("examples/python/retry_publish.py");
+    let child = Command::new(python())
+        .arg(&script)
+        .args(&args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); `{INSTALL_HINT}`", python()));
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("retry_publish.py ran too long")
+        .expect("wait for the Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprint!("{stderr}");
+    let summary = stderr
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or_else(|| panic!("no JSON summary from retry_publish.py:\n{stderr}"));
+    let ids = stdout.lines().map(str::to_owned).collect();
+    (output.status.success(), ids, summary)
+}
+
+/// The RPC count of `Publish` calls answered with `code`, from `/metrics`.
+async fn publish_answers(server: &crate::support::TestServer, code: &str) -> f64 {
+    let (_, metrics) = crate::support::http_get(server.admin_addr, "/metrics").await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("ingest_rpc_duration_seconds_count"))
+        .filter(|l| l.contains("rpc=\"Publish\"") && l.contains(&format!("code=\"{code}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// gRPC's own retry, configured only by `proto/ingest/v1/service_config.json`, gets
+/// every call through a 2 s broker outage and through a buffer-full episode: the
+/// client has no retry code, and the server's `grpc-retry-pushback-ms` sets the pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_python_stub_with_the_service_config_rides_out_an_outage_and_a_full_buffer() {
+    require_python().await;
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(400);
+    config.buffer_events = 4;
+    config.max_batch_events = 4;
+    let server = spawn_ready_server(config).await;
+    let addr = server.addr.to_string();
+    let args = |calls: &str, interval: &str, concurrency: &str, prefix: &str| {
+        [
+            "--addr",
+            &addr,
+            "--calls",
+            calls,
+            "--interval",
+            interval,
+            "--concurrency",
+            concurrency,
+            "--topic",
+            "t",
+            "--id-prefix",
+            prefix,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // A 2 s outage while calls keep coming (40 calls, one every 100 ms).
+    let client = tokio::spawn(run_retry_client(args("40", "0.1", "8", "outage-")));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.set_mode(Mode::Refuse);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_mode(Mode::Forward);
+    let (ok, ids, summary) = client.await.unwrap();
+    eprintln!("outage: {summary}");
+    assert!(ok, "calls failed across a 2 s outage: {summary}");
+    assert_eq!(ids.len(), 40, "{summary}");
+    let unavailable = publish_answers(&server, "Unavailable").await;
+    assert!(unavailable > 0.0, "the outage was not seen by any call");
+
+    // A full buffer: 4 events of room, 16 calls at once, a broker 50 ms away.
+    proxy.set_latency(Duration::from_millis(50));
+    let (ok, full_ids, summary) = run_retry_client(args("16", "0", "16", "full-")).await;
+    eprintln!("buffer full: {summary}");
+    assert!(ok, "calls failed across a full buffer: {summary}");
+    assert_eq!(full_ids.len(), 16, "{summary}");
+    let exhausted = publish_answers(&server, "ResourceExhausted").await;
+    assert!(exhausted > 0.0, "the buffer never filled");
+    eprintln!(
+        "server answered UNAVAILABLE {unavailable} and RESOURCE_EXHAUSTED {exhausted} times; the client saw none"
+    );
+    proxy.set_latency(Duration::ZERO);
+
+    // Every acknowledged event is in the queue (a retry after an ambiguous failure
+    // may add a copy with the same id; none is missing).
+    let landed: HashSet<String> = queue.message_ids().await.into_iter().collect();
+    let missing: Vec<&String> = ids
+        .iter()
+        .chain(&full_ids)
+        .filter(|id| !landed.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged, not in the queue: {missing:?}"
+    );
     server.stop().await.expect("service stops cleanly");
     queue.cleanup().await;
 }
