@@ -208,7 +208,11 @@ impl App {
                 walk_fields: true,
             },
             max_other_message: api::MAX_OTHER_MESSAGE_BYTES,
-            retry_after: config.retry_after,
+            hints: api::hints::RetryHints::new(
+                publisher.clone(),
+                metrics.clone(),
+                config.retry_after,
+            ),
             metrics: metrics.clone(),
         });
 

@@ -26,7 +26,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -125,8 +124,8 @@ pub struct IntakeSettings {
     pub limits: FrameLimits,
     /// Largest message on the other services (health, reflection).
     pub max_other_message: usize,
-    /// `RetryInfo` delay for a refusal.
-    pub retry_after: Duration,
+    /// `RetryInfo` delays for refusals.
+    pub hints: super::hints::RetryHints,
     /// Unary calls refused here never reach their handler: counted here.
     pub metrics: Metrics,
 }
@@ -364,7 +363,8 @@ impl IntakeBody {
         if self.mode == Mode::Now {
             self.count(super::admit_reason(&error));
         }
-        status::not_admitted(error, self.settings.retry_after)
+        let delay = self.settings.hints.exhausted(&error);
+        status::not_admitted(error, delay)
     }
 
     /// Counts a unary call refused here, as its handler would have. Events refused

@@ -3,6 +3,7 @@
 
 mod call;
 pub mod framing;
+pub mod hints;
 pub mod intake;
 mod status;
 mod stream;
@@ -76,6 +77,8 @@ pub struct IngestService {
     metrics: Metrics,
     /// Cancelled when shutdown begins: new calls are refused, open streams end.
     draining: CancellationToken,
+    /// How long refused callers are told to wait.
+    hints: hints::RetryHints,
 }
 
 impl IngestService {
@@ -87,12 +90,15 @@ impl IngestService {
         metrics: Metrics,
         draining: CancellationToken,
     ) -> Self {
+        let hints =
+            hints::RetryHints::new(publisher.clone(), metrics.clone(), settings.retry_after);
         Self {
             admission,
             publisher,
             settings,
             metrics,
             draining,
+            hints,
         }
     }
 }
@@ -204,7 +210,10 @@ impl IngestService {
         // Fail fast while the broker is away or stalled, before any other work.
         let state = self.publisher.state();
         if !state.connected {
-            let status = status::disconnected(self.publisher.last_error().get().as_deref());
+            let status = status::disconnected(
+                self.publisher.last_error().get().as_deref(),
+                self.hints.disconnected(),
+            );
             return Err(reject(Reason::Unavailable, status));
         }
         if state.stalled {
@@ -212,10 +221,8 @@ impl IngestService {
             return Err(reject(Reason::Stalled, status));
         }
         let refused = |e: AdmitError| {
-            reject(
-                admit_reason(&e),
-                status::not_admitted(e, self.settings.retry_after),
-            )
+            let delay = self.hints.exhausted(&e);
+            reject(admit_reason(&e), status::not_admitted(e, delay))
         };
         let (batch, permit) = match ticket {
             // Admitted by the intake before it was decoded, for its upper bound: keep

@@ -87,15 +87,11 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
 /// A unary call refused at once because the broker is not connected; `reason` says
 /// why, when known (e.g. `authentication refused for user guest — check
 /// INGEST_AMQP_URL`), so the caller's error names the cause, not just an outage.
-pub(crate) fn disconnected(reason: Option<&str>) -> Status {
-    let status = publish_failed(&PublishError::Disconnected, None);
+pub(crate) fn disconnected(reason: Option<&str>, delay: Duration) -> Status {
+    let message = PublishError::Disconnected.to_string();
     match reason {
-        Some(reason) => retryable(
-            status.code(),
-            format!("{}: {reason}", status.message()),
-            UNAVAILABLE_RETRY,
-        ),
-        None => status,
+        Some(reason) => retryable(Code::Unavailable, format!("{message}: {reason}"), delay),
+        None => retryable(Code::Unavailable, message, delay),
     }
 }
 

@@ -236,6 +236,17 @@ impl Publisher {
         Ok((Self { shared }, task))
     }
 
+    /// The broker's pace: answers (confirms, nacks, returns) per second, smoothed over
+    /// about a second.
+    pub fn confirm_rate(&self) -> f64 {
+        self.shared.progress.rate()
+    }
+
+    /// Time until the next connection attempt while disconnected, if scheduled.
+    pub fn until_reconnect(&self) -> Option<Duration> {
+        self.shared.progress.until_reconnect()
+    }
+
     /// Why the broker counts as stalled, in words, for callers and readiness.
     pub fn stall_reason(&self) -> String {
         stall::reason(self.shared.settings.stall_after)

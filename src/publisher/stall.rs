@@ -30,6 +30,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// Events handed to the broker and not settled, and when it last answered.
 #[derive(Debug)]
 pub(super) struct Progress {
+    /// Events the broker has answered, ever: the watcher turns it into a rate.
+    answered: AtomicU64,
+    /// Answers per second, smoothed (`f64` bits).
+    rate: AtomicU64,
+    /// When the supervisor next tries to connect, nanoseconds after `epoch` (0: not
+    /// waiting to reconnect).
+    next_attempt: AtomicU64,
     outstanding: AtomicUsize,
     /// Nanoseconds after `epoch` of the last answer (or of the moment work began
     /// after an idle spell, so an idle broker is not stalled when work resumes).
@@ -40,6 +47,9 @@ pub(super) struct Progress {
 impl Progress {
     pub(super) fn new() -> Self {
         Self {
+            answered: AtomicU64::new(0),
+            rate: AtomicU64::new(0f64.to_bits()),
+            next_attempt: AtomicU64::new(0),
             outstanding: AtomicUsize::new(0),
             last_answer: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -58,8 +68,39 @@ impl Progress {
     pub(super) fn settled(&self, answered: bool) {
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         if answered {
+            self.answered.fetch_add(1, Ordering::Relaxed);
             self.touch();
         }
+    }
+
+    /// The broker's pace: answers per second, smoothed over about a second.
+    pub(super) fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// The supervisor waits `delay` before its next connection attempt.
+    pub(super) fn reconnect_in(&self, delay: Duration) {
+        let at = self.epoch.elapsed() + delay;
+        self.next_attempt.store(
+            u64::try_from(at.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Time until the next connection attempt, if one is scheduled.
+    pub(super) fn until_reconnect(&self) -> Option<Duration> {
+        let at = self.next_attempt.load(Ordering::Relaxed);
+        (at > 0).then(|| Duration::from_nanos(at).saturating_sub(self.epoch.elapsed()))
+    }
+
+    /// Folds the answers since the last tick (`dt` ago) into the rate.
+    fn tick(&self, last: &mut u64, dt: Duration) {
+        let now = self.answered.load(Ordering::Relaxed);
+        let instant = (now - *last) as f64 / dt.as_secs_f64().max(1e-3);
+        *last = now;
+        // About a second of memory at 100 ms ticks.
+        let rate = 0.8 * self.rate() + 0.2 * instant;
+        self.rate.store(rate.to_bits(), Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -81,11 +122,14 @@ pub(super) async fn watch(shared: &Shared) {
     let stall_after = shared.settings.stall_after;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut answered, mut last) = (0, Instant::now());
     loop {
         tokio::select! {
             () = shared.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        shared.progress.tick(&mut answered, last.elapsed());
+        last = Instant::now();
         let (outstanding, silence) = shared.progress.silence();
         let stalled = outstanding > 0 && silence >= stall_after && shared.state.borrow().connected;
         if stalled != shared.state.borrow().stalled {

@@ -106,6 +106,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
             }
         }
         let delay = backoff(attempt, shared.settings.reconnect_max_backoff);
+        shared.progress.reconnect_in(delay);
         attempt = attempt.saturating_add(1);
         tokio::select! {
             () = shared.stop.cancelled() => return,

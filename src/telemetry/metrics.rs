@@ -113,6 +113,7 @@ struct Inner {
     rejected: Counter<u64>,
     confirm_seconds: Histogram<f64>,
     rpc_seconds: Histogram<f64>,
+    retry_delay_seconds: Histogram<f64>,
     streams_active: UpDownCounter<i64>,
     /// Label sets built once, so recording allocates nothing.
     rpc_labels: [[KeyValue; 1]; 2],
@@ -169,6 +170,12 @@ impl Metrics {
             rpc_seconds: meter
                 .f64_histogram("ingest_rpc_duration_seconds")
                 .with_description("RPC duration, by RPC and status code")
+                .with_unit("s")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .build(),
+            retry_delay_seconds: meter
+                .f64_histogram("ingest_retry_delay_seconds")
+                .with_description("Retry delays told to refused callers (RetryInfo), by code")
                 .with_unit("s")
                 .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
@@ -231,6 +238,19 @@ impl Metrics {
     /// Records one event's publish-to-confirm time.
     pub fn confirm_latency(&self, latency: Duration) {
         self.0.confirm_seconds.record(latency.as_secs_f64(), &[]);
+    }
+
+    /// Records a retry delay told to a refused caller; `exhausted`: for a full buffer
+    /// (`RESOURCE_EXHAUSTED`), else for a broker away (`UNAVAILABLE`).
+    pub fn retry_delay(&self, delay: Duration, exhausted: bool) {
+        let code = if exhausted {
+            "ResourceExhausted"
+        } else {
+            "Unavailable"
+        };
+        self.0
+            .retry_delay_seconds
+            .record(delay.as_secs_f64(), &[KeyValue::new("code", code)]);
     }
 
     /// Records one finished RPC.
