@@ -278,3 +278,93 @@ fn gauge(metrics: &str, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
+
+/// The `RESOURCE_EXHAUSTED` hint tracks the broker's pace: with confirms slowed by
+/// proxy latency, the delays refused callers are told are, in the median, within a
+/// factor of 4 of the time the room they needed actually took to free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_full_hint_tracks_the_pace_of_confirms() {
+    const FACTOR: f64 = 4.0;
+    const BUFFER: usize = 40;
+    const BATCH: usize = 10;
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.buffer_events = BUFFER;
+    config.max_batch_events = BATCH;
+    config.retry_after = Duration::from_millis(5);
+    config.confirm_timeout = Duration::from_secs(60);
+    let server = spawn_ready_server(config).await;
+    proxy.set_latency(Duration::from_millis(40));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
+    let mut callers = FuturesUnordered::new();
+    for c in 0..8 {
+        let mut client = server.client().await;
+        let (stop, samples, admission) = (
+            Arc::clone(&stop),
+            Arc::clone(&samples),
+            Arc::clone(&server.admission),
+        );
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let events: Vec<Event> = (0..BATCH)
+                    .map(|i| json_event("pace.t", &unique(&format!("pace-{c}-{i}")), "{}"))
+                    .collect();
+                let status = match client.publish(request(events)).await {
+                    Ok(_) => continue,
+                    Err(status) => status,
+                };
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                let told = status
+                    .get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .expect("a retry delay");
+                // How long until the room this call needs is free.
+                let began = tokio::time::Instant::now();
+                while BUFFER - admission.in_use().events.min(BUFFER) < BATCH {
+                    if began.elapsed() > GUARD {
+                        panic!("room never freed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let took = began.elapsed();
+                samples
+                    .lock()
+                    .unwrap()
+                    .push((told.as_secs_f64(), took.as_secs_f64()));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::SeqCst);
+    while let Some(joined) = tokio::time::timeout(GUARD, callers.next()).await.unwrap() {
+        joined.unwrap();
+    }
+    let samples = samples.lock().unwrap().clone();
+    assert!(
+        samples.len() >= 20,
+        "too few refusals to judge: {}",
+        samples.len()
+    );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let told = median(samples.iter().map(|s| s.0).collect());
+    let took = median(samples.iter().map(|s| s.1).collect());
+    eprintln!(
+        "{} refusals: median delay told {:.1} ms, median time the room took {:.1} ms",
+        samples.len(),
+        told * 1e3,
+        took * 1e3
+    );
+    assert!(
+        told <= took * FACTOR && took <= told * FACTOR,
+        "told {told:.4} s, took {took:.4} s: not within a factor of {FACTOR}"
+    );
+    proxy.set_latency(Duration::ZERO);
+    server.wait_admission_idle(GUARD).await;
+    queue.cleanup().await;
+}
