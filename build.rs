@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".ingest.v1.Event.payload")
+        // google.rpc.Status is tonic-types' own, so acks carry the details it builds.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -511,6 +511,29 @@ impl Permit {
         }
     }
 
+    /// Moves `bytes` of this permit's bytes (no events) into a permit of their own,
+    /// released separately: e.g. a `PublishAcked` request's ids, which its ack holds
+    /// until it is written, after the events are settled. `None` if the permit holds
+    /// fewer bytes.
+    pub fn split_bytes(&mut self, bytes: usize) -> Option<Permit> {
+        let fits = |p: &OwnedSemaphorePermit| p.num_permits() >= bytes;
+        if !fits(&self.bytes) || self.stream.as_ref().is_some_and(|s| !fits(&s.bytes)) {
+            return None;
+        }
+        let stream = match &mut self.stream {
+            Some(share) => Some(StreamShare {
+                events: share.events.split(0)?,
+                bytes: share.bytes.split(bytes)?,
+            }),
+            None => None,
+        };
+        Some(Permit {
+            events: self.events.split(0)?,
+            bytes: self.bytes.split(bytes)?,
+            stream,
+        })
+    }
+
     /// Events this permit holds.
     pub fn events(&self) -> usize {
         self.events.num_permits()

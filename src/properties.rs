@@ -221,7 +221,10 @@ mod tests {
                 attributes: attributes.into_iter().collect(),
                 ..Event::default()
             });
-        proptest::collection::vec(event, 0..8).prop_map(|events| PublishRequest { events })
+        proptest::collection::vec(event, 0..8).prop_map(|events| PublishRequest {
+            events,
+            sequence: 0,
+        })
     }
 
     fn framed(requests: &[PublishRequest]) -> Vec<u8> {

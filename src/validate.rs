@@ -663,6 +663,7 @@ mod tests {
         ];
         for events in requests {
             let request = proto::PublishRequest {
+                sequence: 0,
                 events: events.clone(),
             };
             let attributes = events.iter().map(|e| e.attributes.len()).sum();

@@ -584,6 +584,7 @@ mod tests {
     #[test]
     fn stops_at_each_message_and_before_its_last_byte_in_any_chunking() {
         let first = PublishRequest {
+            sequence: 0,
             events: vec![
                 event("a", b"{}"),
                 with_attributes(event("b.c", &[7; 300]), 2),
@@ -591,6 +592,7 @@ mod tests {
         };
         let empty = PublishRequest::default();
         let third = PublishRequest {
+            sequence: 0,
             events: vec![event("t", b"")],
         };
         // Field 2 (`sequence`, a varint) and an unknown field 7 are walked over.
@@ -647,6 +649,7 @@ mod tests {
         );
         // One event too many.
         let many = PublishRequest {
+            sequence: 0,
             events: (0..101).map(|_| event("t", b"")).collect(),
         };
         assert_eq!(
@@ -655,6 +658,7 @@ mod tests {
         );
         // Empty events cannot be valid, and would decode to far more than they weigh.
         let empty_events = PublishRequest {
+            sequence: 0,
             events: vec![event("t", b""), Event::default()],
         };
         assert_eq!(
@@ -663,6 +667,7 @@ mod tests {
         );
         // Too many attributes on one event, refused before the map is built.
         let attributes = PublishRequest {
+            sequence: 0,
             events: vec![event("t", b""), with_attributes(event("t", b""), 65)],
         };
         assert_eq!(
@@ -671,6 +676,7 @@ mod tests {
         );
         // A truncated field.
         let mut truncated = framed(&PublishRequest {
+            sequence: 0,
             events: vec![event("topic", b"payload")],
         });
         truncated[4] -= 3;

@@ -1,6 +1,7 @@
 //! The gRPC surface: `ingest.v1.Ingest`. Turns requests into validated batches,
 //! admits them, hands them to the publisher and maps every outcome to a status.
 
+mod acked;
 mod call;
 pub mod framing;
 pub mod hints;
@@ -105,6 +106,38 @@ impl IngestService {
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
+    type PublishAckedStream = acked::AckStream;
+
+    async fn publish_acked(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishAckedStream>, Status> {
+        let incoming = trace::Incoming::from_metadata(request.metadata());
+        let span = trace::rpc_span("ingest.v1.Ingest/PublishAcked", &incoming);
+        if self.draining.is_cancelled() {
+            let mut call = Call::start(&self.metrics, Rpc::PublishAcked, request.metadata());
+            call.waiting_on(0);
+            call.finish(Code::Unavailable);
+            return Err(status::shutting_down());
+        }
+        let ctx = acked::AckedContext {
+            tickets: request
+                .extensions()
+                .get::<intake::Tickets>()
+                .cloned()
+                .unwrap_or_default(),
+            admission: Arc::clone(&self.admission),
+            publisher: self.publisher.clone(),
+            metrics: self.metrics.clone(),
+            settings: self.settings,
+            draining: self.draining.clone(),
+            hints: self.hints.clone(),
+            incoming,
+            metadata: request.metadata().clone(),
+        };
+        Ok(Response::new(acked::spawn(ctx, request.into_inner(), span)))
+    }
+
     async fn publish(
         &self,
         request: Request<PublishRequest>,

@@ -89,13 +89,19 @@ pub enum Rpc {
     Publish,
     /// `PublishStream`.
     PublishStream,
+    /// `PublishAcked`.
+    PublishAcked,
 }
 
 impl Rpc {
+    /// Every RPC, in discriminant order (label tables are indexed by it).
+    const ALL: [Rpc; 3] = [Rpc::Publish, Rpc::PublishStream, Rpc::PublishAcked];
+
     fn as_str(self) -> &'static str {
         match self {
             Rpc::Publish => "Publish",
             Rpc::PublishStream => "PublishStream",
+            Rpc::PublishAcked => "PublishAcked",
         }
     }
 }
@@ -116,9 +122,9 @@ struct Inner {
     retry_delay_seconds: Histogram<f64>,
     streams_active: UpDownCounter<i64>,
     /// Label sets built once, so recording allocates nothing.
-    rpc_labels: [[KeyValue; 1]; 2],
+    rpc_labels: [[KeyValue; 1]; Rpc::ALL.len()],
     /// `[rpc][code]` label pairs for the RPC duration histogram.
-    rpc_code_labels: [Vec<[KeyValue; 2]>; 2],
+    rpc_code_labels: [Vec<[KeyValue; 2]>; Rpc::ALL.len()],
     reason_labels: [[KeyValue; 1]; 9],
 }
 
@@ -181,11 +187,10 @@ impl Metrics {
                 .build(),
             streams_active: meter
                 .i64_up_down_counter("ingest_streams_active")
-                .with_description("PublishStream calls open")
+                .with_description("PublishStream and PublishAcked calls open")
                 .build(),
-            rpc_labels: [Rpc::Publish, Rpc::PublishStream]
-                .map(|r| [KeyValue::new("rpc", r.as_str())]),
-            rpc_code_labels: [Rpc::Publish, Rpc::PublishStream].map(|r| {
+            rpc_labels: Rpc::ALL.map(|r| [KeyValue::new("rpc", r.as_str())]),
+            rpc_code_labels: Rpc::ALL.map(|r| {
                 (0..=16)
                     .map(|c| {
                         let code = format!("{:?}", tonic::Code::from_i32(c));

@@ -68,6 +68,7 @@ fn flood_head(len: usize) -> (Bytes, usize) {
             ..Event::default()
         };
         let request = PublishRequest {
+            sequence: 0,
             events: vec![event],
         };
         match request.encoded_len() {
@@ -351,6 +352,7 @@ async fn connections_past_the_limit_wait_and_silent_ones_are_closed() {
     let fourth = connect(&server.addr).await;
     let id = unique("fourth");
     let body = PublishRequest {
+        sequence: 0,
         events: vec![json_event("limit.t", &id, "{}")],
     }
     .encode_to_vec();
@@ -399,6 +401,7 @@ async fn oversized_metadata_fails_that_call_only() {
     let raw = connect(&server.addr).await;
     let id = unique("meta");
     let body = PublishRequest {
+        sequence: 0,
         events: vec![json_event("meta.t", &id, "{}")],
     }
     .encode_to_vec();
@@ -435,6 +438,7 @@ async fn undecodable_and_hostile_bytes_are_refused_and_the_service_goes_on() {
         ..Event::default()
     };
     let non_ascii = PublishRequest {
+        sequence: 0,
         events: vec![event],
     }
     .encode_to_vec();

@@ -34,7 +34,10 @@ fn counted(
     let messages: Vec<Vec<Event>> = events.chunks(per_message).map(<[Event]>::to_vec).collect();
     futures::stream::iter(messages).map(move |events| {
         pulled.fetch_add(1, Ordering::SeqCst);
-        PublishRequest { events }
+        PublishRequest {
+            events,
+            sequence: 0,
+        }
     })
 }
 

@@ -180,6 +180,7 @@ async fn per_event(env: &Env<'_>, bin: &std::path::Path, exchange: &str) -> anyh
             let messages = futures::stream::iter(0..EVENTS).map(move |i| {
                 taken.fetch_add(1, Ordering::Relaxed);
                 PublishRequest {
+                    sequence: 0,
                     events: vec![Event {
                         id: format!("fill-{s}-{i}"),
                         topic: "bench.fill".into(),
@@ -236,6 +237,7 @@ fn flood_head(len: usize) -> (Bytes, usize) {
     let mut payload = len.saturating_sub(32);
     loop {
         let request = PublishRequest {
+            sequence: 0,
             events: vec![Event {
                 topic: "abuse.t".into(),
                 payload: Bytes::from(vec![0; payload]),

@@ -100,6 +100,7 @@ impl Grpc {
 /// A request of `n` copies of `event`.
 pub fn request(event: &Event, n: u64) -> PublishRequest {
     PublishRequest {
+        sequence: 0,
         events: (0..n).map(|_| event.clone()).collect(),
     }
 }

@@ -199,7 +199,10 @@ pub fn json_event(topic: &str, id: &str, body: &str) -> Event {
 }
 
 pub fn request(events: Vec<Event>) -> PublishRequest {
-    PublishRequest { events }
+    PublishRequest {
+        events,
+        sequence: 0,
+    }
 }
 
 impl TestServer {
