@@ -1,4 +1,5 @@
 mod abuse;
+mod acked;
 mod bench_smoke;
 mod broker_node;
 mod examples;
