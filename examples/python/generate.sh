@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes the Python stubs for ingest.v1 to examples/python/gen/ (gitignored), for
-# code that imports them instead of generating them at start as stream_publish.py
+# code that imports them instead of generating them at start as stream_resume.py
 # does:  PYTHONPATH=examples/python/gen python3 -c 'from ingest.v1 import ingest_pb2_grpc'
 # Needs the requirements: python3 -m pip install -r examples/python/requirements.txt
 set -euo pipefail

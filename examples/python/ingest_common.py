@@ -4,7 +4,7 @@ failed call.
 
     python3 -m pip install -r examples/python/requirements.txt
 
-Used by stream_publish.py and publish.py; not a library, just the common part of two
+Used by stream_resume.py and publish.py; not a library, just the common part of two
 examples kept in one place.
 """
 

@@ -1,46 +1,25 @@
 #!/usr/bin/env python3
-"""Publish events to ingest over ONE client-streaming `PublishStream` call, resuming
-after failures without losing or reordering events.
+"""An ML service logging every prediction for hours, on the `ingest_client` publisher.
 
-This is the reference Python client for `ingest.v1.Ingest/PublishStream`. It uses
-plain grpcio; the stubs are generated from ../../proto at start (into a temporary
-directory), so they always match the proto this checkout serves.
+The model "predicts" at --rate per second; each prediction is logged as one JSON event
+with `publisher.publish(...)`. The publisher batches events onto one long-lived
+`PublishAcked` stream, and each future resolves once RabbitMQ confirmed that event.
+What this process holds is bounded (--max-events, --max-mib): if RabbitMQ stalls,
+`publish` blocks and the prediction loop slows down with it, instead of the process
+growing by every prediction it cannot hand over (the ~87 MB per batch of unanswered
+tasks that a fire-and-forget logger grows by). After a disconnect, the requests not yet
+acknowledged are sent again with the same ids (the AMQP message_id), so a consumer can
+drop the few duplicates.
 
-    python3 -m pip install -r examples/python/requirements.txt
-    python3 examples/python/stream_publish.py --addr 127.0.0.1:50051 --count 20000
+    python3 -m pip install -r examples/python/requirements.txt   # from the repo root
+    python3 examples/python/stream_publish.py --addr 127.0.0.1:50051 --rate 1000
 
-The resume recipe
------------------
-PublishStream handles the events of a stream strictly in order. However a stream
-ends, the server reports how many *leading* events of that stream the broker
-confirmed:
-
-* OK: the response's `events` field (all of them);
-* any error: the trailing metadata `ingest-confirmed-count` (absent, e.g. the
-  connection never came up, means no more events were confirmed).
-
-So a client keeps one number, the index of the first unconfirmed event, and after a
-retryable error:
-
-1. advances that index by `ingest-confirmed-count`;
-2. waits for the `google.rpc.RetryInfo` delay the status carries (in
-   `grpc-status-details-bin`), or a small backoff if there is none;
-3. opens a NEW stream that starts at that index and re-sends the events with the
-   SAME ids. Events past the confirmed prefix may still have reached the broker
-   (e.g. when the connection broke before the confirm came back), so the ids are
-   what lets consumers drop such duplicates: they become the AMQP `message_id`.
-
-Retryable: UNAVAILABLE (broker away, server draining), RESOURCE_EXHAUSTED (buffer
-full), DEADLINE_EXCEEDED (the server closed a stream that sent nothing for
-`stream-idle-timeout`), ABORTED. Anything else (INVALID_ARGUMENT,
-FAILED_PRECONDITION, ...) is a problem with an event itself: re-sending it cannot
-help, so the client stops and names the event.
-
-Output: progress and errors on stderr; one JSON summary line on stdout:
-    {"sent": ..., "confirmed": ..., "attempts": ..., "resumed_from": [...], "seconds": ...}
-`sent` counts events handed to grpcio (re-sends included), `confirmed` the events
-confirmed in all, `resumed_from` the index each later stream started at; a failed
-run adds "error". Exit status 0 only when every event was confirmed.
+It runs until --duration passes, --count predictions are logged, or SIGINT/SIGTERM;
+then it flushes (waits for every confirm, up to --close-timeout) and prints one JSON
+summary line on stdout:
+    {"logged": ..., "confirmed": ..., "failed": ..., "resent": ..., "streams": ..., "seconds": ...}
+Progress goes to stderr every --report seconds. Exit status 0 only when every logged
+prediction was confirmed.
 """
 
 from __future__ import annotations
@@ -49,220 +28,117 @@ import argparse
 import json
 import os
 import random
-import re
+import signal
 import sys
 import threading
 import time
 
-# Stub generation and status-detail parsing, shared with publish.py. It exits with
-# the install hint if a requirement is missing.
-from ingest_common import (
-    BACKOFF_FIRST,
-    BACKOFF_MAX,
-    CONFIRMED_COUNT,
-    RETRYABLE,
-    retry_delay,
-    status_details,
-    stubs,
-    trailer,
-)
-
-import grpc
-from google.rpc import error_details_pb2
+try:
+    from ingest_client import BatchSettings, FlowControl, Publisher, PublishError
+except ImportError as missing:  # pragma: no cover - depends on the machine
+    sys.exit(
+        f"stream_publish.py: {missing}; install it from the repository root: "
+        "python3 -m pip install -r examples/python/requirements.txt"
+    )
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Publish events over one PublishStream, resuming after failures."
-    )
-    p.add_argument(
-        "--addr",
-        default=os.environ.get("INGEST_ADDR", "127.0.0.1:50051"),
-        help="server host:port (default: $INGEST_ADDR or 127.0.0.1:50051)",
-    )
-    p.add_argument("--count", type=int, default=20000, help="events to publish")
-    p.add_argument("--batch", type=int, default=1, help="events per stream message")
-    p.add_argument("--topic", default="example", help="topic (AMQP routing key)")
-    p.add_argument(
-        "--id-prefix",
-        default="example-",
-        help="event ids are this prefix + the event's index, so a resume re-sends the same ids",
-    )
-    p.add_argument(
-        "--max-attempts", type=int, default=20, help="streams to open at most, in all"
-    )
-    # Test hook: stall the first stream so the server's idle timeout closes it.
-    p.add_argument(
-        "--pause-after",
-        type=int,
-        default=None,
-        metavar="K",
-        help="(testing) on the first attempt, pause after handing over K events",
-    )
-    p.add_argument(
-        "--pause-secs",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="(testing) how long that pause lasts",
-    )
-    args = p.parse_args()
-    if args.count < 0 or args.batch < 1 or args.max_attempts < 1:
-        p.error("--count must be >= 0, --batch and --max-attempts >= 1")
-    return args
+    p = argparse.ArgumentParser(description="Log ML predictions to ingest for hours.")
+    p.add_argument("--addr", default=os.environ.get("INGEST_ADDR", "127.0.0.1:50051"))
+    p.add_argument("--topic", default="ml.predictions")
+    p.add_argument("--model", default="churn-v7")
+    p.add_argument("--rate", type=float, default=1000.0, help="predictions per second (0: as fast as possible)")
+    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until stopped)")
+    p.add_argument("--count", type=int, default=None, help="predictions to log (default: until stopped)")
+    p.add_argument("--max-events", type=int, default=10_000, help="events held unconfirmed at most")
+    p.add_argument("--max-mib", type=float, default=32.0, help="MiB held unconfirmed at most")
+    p.add_argument("--report", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--close-timeout", type=float, default=60.0)
+    return p.parse_args()
 
 
-class Attempt:
-    """One stream: the events from `start` on, handed to grpcio one message at a time.
-
-    `requests()` is a generator, so grpcio pulls a message only once it has sent the
-    previous one: when the server stops reading (its buffer is full), HTTP/2 flow
-    control stops this generator instead of piling messages up in memory.
-    """
-
-    def __init__(self, pb2, args: argparse.Namespace, start: int, pause_after: int | None):
-        self.pb2 = pb2
-        self.args = args
-        self.start = start
-        self.pause_after = pause_after
-        self.sent = 0  # events handed to grpcio on this stream
-        self.ended = threading.Event()  # set once the call has finished
-
-    def event(self, index: int):
-        """Event `index`: the same id and payload on every attempt."""
-        return self.pb2.Event(
-            id=f"{self.args.id_prefix}{index}",
-            topic=self.args.topic,
-            payload=json.dumps({"seq": index, "source": "stream_publish.py"}).encode(),
-            content_type="application/json",
-        )
-
-    def requests(self):
-        i, count, batch = self.start, self.args.count, self.args.batch
-        while i < count:
-            if self.pause_after is not None and self.sent >= self.pause_after:
-                # Test hook: go quiet so the server's stream-idle-timeout closes the
-                # stream. Stop early once the call is over; nothing would be sent.
-                self.pause_after = None
-                if self.ended.wait(self.args.pause_secs):
-                    return
-            end = min(i + batch, count)
-            self.sent += end - i
-            yield self.pb2.PublishRequest(events=[self.event(j) for j in range(i, end)])
-            i = end
-
-
-def describe_rejection(args, start: int, confirmed: int, error, details: list) -> str:
-    """Names the event a non-retryable status is about.
-
-    The stream stops at the first bad event, so it is the first unconfirmed one.
-    Field paths in the details (`events[i]...`) count from the first event of THAT
-    stream, so they are translated to the global index here.
-    """
-    index = start + confirmed
-    head = f"event #{index} (id {args.id_prefix}{index}) was not accepted: {error.code().name}"
-    lines = []
-
-    def globalize(field: str) -> str:
-        return re.sub(
-            r"events\[(\d+)\]",
-            lambda m: f"events[{start + int(m.group(1))}]",
-            field,
-        )
-
-    for d in details:
-        if isinstance(d, error_details_pb2.BadRequest):
-            lines += [
-                f"  {globalize(v.field)}: {v.description}" for v in d.field_violations
-            ]
-        elif isinstance(d, error_details_pb2.PreconditionFailure):
-            lines += [
-                f"  {v.type} {globalize(v.subject)}: {v.description}"
-                for v in d.violations
-            ]
-    # The violations say it all; without any, the status message does.
-    if not lines:
-        return f"{head}: {error.details()}"
-    return "\n".join([head] + lines)
+def predict(model: str, n: int) -> bytes:
+    """Stands in for the model: one prediction, as the JSON line a service would log."""
+    return json.dumps(
+        {
+            "model": model,
+            "request": n,
+            "features": [round(random.random(), 4) for _ in range(8)],
+            "score": round(random.random(), 4),
+            "ts": time.time(),
+        }
+    ).encode()
 
 
 def main() -> int:
     args = parse_args()
-    with stubs() as (ingest_pb2, ingest_pb2_grpc):
-        return publish(args, ingest_pb2, ingest_pb2_grpc)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
+    failures: list[str] = []
 
-def publish(args, pb2, pb2_grpc) -> int:
-    summary = {"sent": 0, "confirmed": 0, "attempts": 0, "resumed_from": []}
-    next_event = 0  # index of the first event not yet confirmed: THE resume point
-    backoff = BACKOFF_FIRST
+    def on_done(future) -> None:  # runs on the publisher's thread: keep it short
+        error = future.exception()
+        if isinstance(error, PublishError):
+            failures.append(str(error))
+
+    publisher = Publisher(
+        args.addr,
+        batch=BatchSettings(max_events=100, max_latency=0.01),
+        flow_control=FlowControl(
+            max_events=args.max_events, max_bytes=int(args.max_mib * 2**20), block_timeout=None
+        ),
+    )
     began = time.monotonic()
-    failure = None
-
-    def finish(code: int) -> int:
-        summary["confirmed"] = next_event
-        summary["seconds"] = round(time.monotonic() - began, 3)
-        if failure:
-            summary["error"] = failure
-        print(json.dumps(summary), flush=True)
-        return code
-
-    with grpc.insecure_channel(args.addr) as channel:
-        stub = pb2_grpc.IngestStub(channel)
-        while True:
-            if summary["attempts"] > 0:
-                summary["resumed_from"].append(next_event)
-            first = summary["attempts"] == 0
-            summary["attempts"] += 1
-            attempt = Attempt(pb2, args, next_event, args.pause_after if first else None)
-            try:
-                response = stub.PublishStream(attempt.requests())
-            except grpc.RpcError as error:
-                attempt.ended.set()
-                summary["sent"] += attempt.sent
-                # 1. How far this stream got: its confirmed prefix is done for good.
-                raw = trailer(error, CONFIRMED_COUNT)
-                confirmed = min(int(raw), args.count - attempt.start) if raw else 0
-                next_event = attempt.start + confirmed
-                details = status_details(error)
-                if error.code() not in RETRYABLE:
-                    failure = describe_rejection(args, attempt.start, confirmed, error, details)
-                    print(f"stream_publish.py: {failure}", file=sys.stderr)
-                    return finish(1)
-                if summary["attempts"] >= args.max_attempts:
-                    failure = (
-                        f"gave up after {summary['attempts']} attempts, the last ended with "
-                        f"{error.code().name}: {next_event} of {args.count} events confirmed"
-                    )
-                    print(f"stream_publish.py: {failure}", file=sys.stderr)
-                    return finish(1)
-                # 2. Wait as the server asks, or back off (reset once a stream made
-                #    progress, grown while none does).
-                delay = retry_delay(details)
-                if confirmed > 0:
-                    backoff = BACKOFF_FIRST
-                if delay is None:
-                    delay = backoff * random.uniform(0.5, 1.0)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
-                print(
-                    f"stream_publish.py: stream {summary['attempts']} ended with "
-                    f"{error.code().name} ({error.details()}); {confirmed} more confirmed, "
-                    f"resuming at event #{next_event} in {delay:.2f}s",
-                    file=sys.stderr,
-                )
-                time.sleep(delay)
-                # 3. Loop: a new stream from `next_event`, same ids.
-                continue
-            attempt.ended.set()
-            summary["sent"] += attempt.sent
-            expected = args.count - attempt.start
-            if response.events != expected:
-                next_event = attempt.start + min(response.events, expected)
-                failure = f"stream answered OK for {response.events} events, sent {expected}"
-                print(f"stream_publish.py: {failure}", file=sys.stderr)
-                return finish(1)
-            next_event = args.count
-            return finish(0)
+    next_report = began + args.report
+    logged = 0
+    while not stop.is_set():
+        now = time.monotonic()
+        if args.duration is not None and now - began >= args.duration:
+            break
+        if args.count is not None and logged >= args.count:
+            break
+        future = publisher.publish(
+            args.topic,
+            predict(args.model, logged),
+            content_type="application/json",
+            attributes={"model": args.model},
+        )
+        future.add_done_callback(on_done)
+        logged += 1
+        if args.rate > 0:
+            # Pace to --rate; publish() itself blocks while the bound is reached.
+            delay = began + logged / args.rate - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+        if now >= next_report:
+            s = publisher.stats()
+            print(
+                f"stream_publish.py: {logged} logged, {s.confirmed} confirmed, {s.failed} failed, "
+                f"{s.outstanding_events} held ({s.outstanding_bytes / 2**20:.1f} MiB), "
+                f"{s.resent} resent, {s.streams} streams",
+                file=sys.stderr,
+            )
+            next_report = now + args.report
+    publisher.close(args.close_timeout)
+    s = publisher.stats()
+    for line in failures[:10]:
+        print(f"stream_publish.py: {line}", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "logged": logged,
+                "confirmed": s.confirmed,
+                "failed": s.failed,
+                "resent": s.resent,
+                "streams": s.streams,
+                "seconds": round(time.monotonic() - began, 3),
+            }
+        ),
+        flush=True,
+    )
+    return 0 if s.confirmed == logged else 1
 
 
 if __name__ == "__main__":

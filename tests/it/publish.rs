@@ -576,7 +576,11 @@ async fn reflection_and_health_work_without_the_proto() {
             .find(|s| s.name() == "Ingest")
             .unwrap_or_else(|| panic!("{version}: ingest.v1 file declares no Ingest"));
         let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
-        assert_eq!(methods, ["Publish", "PublishStream"], "{version}");
+        assert_eq!(
+            methods,
+            ["Publish", "PublishStream", "PublishAcked"],
+            "{version}"
+        );
         assert!(
             ingest
                 .dependency

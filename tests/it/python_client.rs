@@ -1,4 +1,4 @@
-//! The Python example client (`examples/python/stream_publish.py`, plain grpcio)
+//! The Python example client (`examples/python/stream_resume.py`, plain grpcio)
 //! against the real service and broker: a polyglot caller streams 20 000 events on
 //! one `PublishStream`, and resumes from `ingest-confirmed-count` with the same ids
 //! after the server closed an idle stream. What arrived is checked on the queue.
@@ -55,11 +55,11 @@ struct Run {
     elapsed: Duration,
 }
 
-/// Runs `stream_publish.py` with `args`; asserts it exited 0 and returns its
+/// Runs `stream_resume.py` with `args`; asserts it exited 0 and returns its
 /// one-line JSON summary (stdout) and wall time. Its stderr is passed through.
 async fn run_client(args: &[&str]) -> Run {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("examples/python/stream_publish.py");
+    let script = root.join("examples/python/stream_resume.py");
     let began = tokio::time::Instant::now();
     let child = Command::new(python())
         .arg(&script)
@@ -86,7 +86,7 @@ async fn run_client(args: &[&str]) -> Run {
     eprint!("{stderr}");
     assert!(
         output.status.success(),
-        "stream_publish.py {args:?} failed ({}); if a module is missing: `{INSTALL_HINT}`\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "stream_resume.py {args:?} failed ({}); if a module is missing: `{INSTALL_HINT}`\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
     let line = stdout.lines().last().unwrap_or_default();
