@@ -4,12 +4,14 @@
 
 use std::process::Command;
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "direct",
     "unary-1",
     "unary-100",
     "stream-1",
     "stream-100",
+    "acked-1",
+    "acked-100",
     "overload",
 ];
 
@@ -52,6 +54,12 @@ fn ingest_bench_runs_every_scenario_briefly() {
             "{scenario} acknowledged no events:\n{stdout}"
         );
         assert_eq!(row["queue_check"], "ok", "{scenario}:\n{stdout}");
+        if scenario.starts_with("acked-") {
+            // Every request timed until its ack, every ack OK.
+            assert_eq!(row["latency_of"], "ack", "{scenario}:\n{stdout}");
+            assert!(row["p99_ms"].is_f64(), "{scenario}: no ack p99:\n{stdout}");
+            assert_eq!(row["errors"], 0, "{scenario}:\n{stdout}");
+        }
     }
     assert!(stdout.contains("events/s"), "no table on stdout:\n{stdout}");
 }

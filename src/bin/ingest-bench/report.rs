@@ -34,7 +34,9 @@ pub struct Row {
     pub mib_per_sec: f64,
     /// Throughput relative to the direct scenario of the same run (not for overload).
     pub ratio_to_direct: Option<f64>,
-    /// What the latency percentiles time: "publish", "call", "refusal" or "n/a".
+    /// What the latency percentiles time: "publish" (to its confirm), "call", "ack"
+    /// (a PublishAcked request, handed to the stream until its ack), "refusal" or
+    /// "n/a".
     pub latency_of: &'static str,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -110,6 +112,7 @@ impl Row {
             _ if !has_latency => "n/a",
             Scenario::Direct => "publish",
             Scenario::Overload => "refusal",
+            Scenario::Acked1 | Scenario::Acked100 => "ack",
             _ => "call",
         };
         Self {
@@ -141,19 +144,29 @@ impl Row {
     }
 }
 
-/// Fills in each row's throughput relative to the direct row, if there is one.
+/// Fills in each row's throughput relative to the direct row, if there is one, and
+/// notes each acked row's ack p99 beside direct's confirm p99.
 pub fn fill_ratios(rows: &mut [Row]) {
-    let direct = rows
+    let Some((rate, confirm_p99)) = rows
         .iter()
         .find(|r| r.scenario == Scenario::Direct.name())
-        .map(|r| r.events_per_sec)
-        .filter(|&rate| rate > 0.0);
-    if let Some(direct) = direct {
-        // Overload's throughput is bounded by the stall by design; no ratio.
-        for row in rows.iter_mut().filter(|r| {
-            r.scenario != Scenario::Overload.name() && r.scenario != Scenario::Abuse.name()
-        }) {
-            row.ratio_to_direct = Some(row.events_per_sec / direct);
+        .map(|r| (Some(r.events_per_sec).filter(|&rate| rate > 0.0), r.p99_ms))
+    else {
+        return;
+    };
+    // Overload's throughput is bounded by the stall by design; no ratio.
+    for row in rows
+        .iter_mut()
+        .filter(|r| r.scenario != Scenario::Overload.name() && r.scenario != Scenario::Abuse.name())
+    {
+        row.ratio_to_direct = rate.map(|direct| row.events_per_sec / direct);
+        if let (Some(ack), Some(confirm)) =
+            (row.p99_ms.filter(|_| row.latency_of == "ack"), confirm_p99)
+        {
+            row.notes.push(format!(
+                "ack p99 {ack:.3} ms beside direct's confirm p99 {confirm:.3} ms ({:.2}x)",
+                ack / confirm.max(1e-9)
+            ));
         }
     }
 }
@@ -238,6 +251,7 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let latency = match r.latency_of {
             "n/a" => "no per-call latency (a stream is answered only at its end)".to_owned(),
+            "ack" => "latency per request, from handing it to the stream to its ack".to_owned(),
             of => format!("latency per {of}"),
         };
         let _ = writeln!(out, "{}: {}; {latency}", r.scenario, r.setup);

@@ -16,7 +16,7 @@ use crate::{
     args::{Args, Scenario},
     broker::{Broker, Topology, unique},
     direct::Direct,
-    grpc::Grpc,
+    grpc::{Grpc, Rpc},
     overload,
     plan::{Plan, Tally},
     progress::Progress,
@@ -155,14 +155,11 @@ pub async fn run(env: &Env<'_>, scenario: Scenario) -> anyhow::Result<Measured> 
 /// The workload of a throughput scenario.
 enum Workload {
     Direct(Direct),
-    Unary {
+    /// `callers` concurrent callers of `rpc`, `batch` events per call or message.
+    Grpc {
         grpc: Grpc,
+        rpc: Rpc,
         callers: usize,
-        batch: u64,
-    },
-    Stream {
-        grpc: Grpc,
-        streams: usize,
         batch: u64,
     },
 }
@@ -172,28 +169,33 @@ impl Workload {
         let plan = Arc::new(plan);
         match self {
             Workload::Direct(direct) => direct.run(plan, progress).await,
-            Workload::Unary {
+            Workload::Grpc {
                 grpc,
+                rpc,
                 callers,
                 batch,
-            } => grpc.unary(*callers, *batch, plan, progress).await,
-            Workload::Stream {
-                grpc,
-                streams,
-                batch,
-            } => grpc.streams(*streams, *batch, plan, progress).await,
+            } => grpc.run(*rpc, *callers, *batch, plan, progress).await,
         }
     }
 
     fn setup(&self, connections: usize) -> String {
-        match self {
-            Workload::Direct(d) => format!("{} channels x {} in flight", d.channels, d.inflight),
-            Workload::Unary { callers, batch, .. } => {
-                format!("{callers} callers x {batch} on {connections} conn")
+        let (rpc, callers, batch) = match self {
+            Workload::Direct(d) => {
+                return format!("{} channels x {} in flight", d.channels, d.inflight);
             }
-            Workload::Stream { streams, batch, .. } => {
-                format!("{streams} streams x {batch}/msg on {connections} conn")
-            }
+            Workload::Grpc {
+                rpc,
+                callers,
+                batch,
+                ..
+            } => (rpc, callers, batch),
+        };
+        match rpc {
+            Rpc::Unary => format!("{callers} callers x {batch} on {connections} conn"),
+            Rpc::Stream => format!("{callers} streams x {batch}/msg on {connections} conn"),
+            Rpc::Acked { window } => format!(
+                "{callers} streams x {batch}/req, {window} unacked each, on {connections} conn"
+            ),
         }
     }
 }
@@ -236,30 +238,28 @@ async fn steady(
             clients: server::clients(&addr, args.connections).await?,
             event: env.event(&topic),
         };
-        match scenario {
-            Scenario::Unary1 => Workload::Unary {
-                grpc,
-                callers: args.concurrency,
-                batch: 1,
-            },
-            Scenario::Unary100 => Workload::Unary {
-                grpc,
-                callers: args.batch_concurrency,
-                batch: BATCH,
-            },
-            Scenario::Stream1 => Workload::Stream {
-                grpc,
-                streams: args.streams,
-                batch: 1,
-            },
-            Scenario::Stream100 => Workload::Stream {
-                grpc,
-                streams: args.streams,
-                batch: BATCH,
-            },
+        let (rpc, callers, batch) = match scenario {
+            Scenario::Unary1 => (Rpc::Unary, args.concurrency, 1),
+            Scenario::Unary100 => (Rpc::Unary, args.batch_concurrency, BATCH),
+            Scenario::Stream1 => (Rpc::Stream, args.streams, 1),
+            Scenario::Stream100 => (Rpc::Stream, args.streams, BATCH),
+            Scenario::Acked1 => {
+                let window = args.acked_window;
+                (Rpc::Acked { window }, args.streams, 1)
+            }
+            Scenario::Acked100 => {
+                let window = args.acked_batch_window;
+                (Rpc::Acked { window }, args.streams, BATCH)
+            }
             Scenario::Direct | Scenario::Overload | Scenario::Abuse => {
                 unreachable!("handled above")
             }
+        };
+        Workload::Grpc {
+            grpc,
+            rpc,
+            callers,
+            batch,
         }
     };
 
