@@ -16,10 +16,22 @@
 //! sustained stream pressure a unary call would never find any. Streams therefore draw
 //! from a share of the buffer ([`STREAM_SHARE_PERCENT`]); the rest is only ever taken by
 //! unary calls, which always find room there unless they filled it themselves.
+//!
+//! Tenants. With a tenants file, each tenant has a [`TenantQuota`]: its own bound on
+//! events and bytes in flight (its share of the buffer) and an optional rate. A
+//! tenant's permit is taken from its own bound *first* and from the shared ones after,
+//! so a tenant at its quota waits (streams) or is refused (unary) on its own
+//! semaphores, holding nothing of the shared buffer: the others keep finding room.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
+    time::Instant,
+};
 
 /// The part of the buffer streams may hold together; the rest is kept for unary calls.
 pub const STREAM_SHARE_PERCENT: usize = 75;
@@ -113,6 +125,16 @@ pub enum AdmitError {
     /// The service is shutting down and admits nothing more.
     #[error("admission closed: shutting down")]
     Closed,
+    /// The caller's tenant has this much in flight, or sends faster than its rate.
+    #[error("tenant {tenant:?} is over its quota: {why}")]
+    Quota {
+        /// The tenant's name.
+        tenant: Arc<str>,
+        /// Which quota and by how much.
+        why: String,
+        /// When trying again can succeed, if known (the rate's refill).
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Events and bytes, as a snapshot of usage or capacity.
@@ -316,7 +338,42 @@ impl Admission {
             events: event_permit,
             bytes: byte_permit,
             stream: None,
+            tenant: None,
         })
+    }
+
+    /// [`Admission::try_admit`] for a tenant: its quota first (refused at once with
+    /// [`AdmitError::Quota`]), then the shared buffer.
+    pub fn try_admit_for(
+        &self,
+        quota: Option<&TenantQuota>,
+        events: usize,
+        bytes: usize,
+    ) -> Result<Permit, AdmitError> {
+        let Some(quota) = quota else {
+            return self.try_admit(events, bytes);
+        };
+        let share = quota.try_take(events, bytes)?;
+        let mut permit = self.try_admit(events, bytes)?;
+        permit.tenant = Some(share);
+        Ok(permit)
+    }
+
+    /// [`Admission::admit_stream`] for a tenant: waits for its rate and its quota
+    /// first, then in line for the shared buffer. Cancel-safe like `admit_stream`.
+    pub async fn admit_stream_for(
+        &self,
+        quota: Option<&TenantQuota>,
+        events: usize,
+        bytes: usize,
+    ) -> Result<Permit, AdmitError> {
+        let Some(quota) = quota else {
+            return self.admit_stream(events, bytes).await;
+        };
+        let share = quota.take(events, bytes).await?;
+        let mut permit = self.admit_stream(events, bytes).await?;
+        permit.tenant = Some(share);
+        Ok(permit)
     }
 
     /// Admits `events` events holding `bytes` bytes for a stream, waiting in line for
@@ -342,6 +399,7 @@ impl Admission {
                 events: share_events,
                 bytes: share_bytes,
             }),
+            tenant: None,
         })
     }
 
@@ -439,6 +497,185 @@ fn check_fits(events: usize, bytes: usize, capacity: Usage) -> Result<(u32, u32)
     Ok((n_events, n_bytes))
 }
 
+/// One tenant's bound: events and bytes in flight, and optionally events per second.
+/// Shared by every call of the tenant; kept across reloads of the tenants file while
+/// the tenant's limits stay the same, so what is in flight keeps counting.
+#[derive(Debug)]
+pub struct TenantQuota {
+    name: Arc<str>,
+    events: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    capacity: Usage,
+    rate: Option<Mutex<TokenBucket>>,
+}
+
+/// Events per second with a burst of one second's worth.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        self.at = now;
+    }
+
+    /// Takes `n` tokens, or says how long until they are there.
+    fn take(&mut self, n: usize) -> Result<(), Duration> {
+        self.refill(Instant::now());
+        // A request larger than the burst may go once the bucket is full.
+        let n = (n as f64).min(self.per_second);
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n - self.tokens) / self.per_second))
+        }
+    }
+}
+
+impl TenantQuota {
+    /// A tenant's bound: at most `events` and `bytes` in flight (clamped to what a
+    /// semaphore counts), and `per_second` events per second if set.
+    pub fn new(name: Arc<str>, events: usize, bytes: usize, per_second: Option<f64>) -> Self {
+        let events = events.clamp(1, Semaphore::MAX_PERMITS);
+        let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            name,
+            events: Arc::new(Semaphore::new(events)),
+            bytes: Arc::new(Semaphore::new(bytes)),
+            capacity: Usage { events, bytes },
+            rate: per_second.filter(|r| *r > 0.0).map(|per_second| {
+                Mutex::new(TokenBucket {
+                    per_second,
+                    tokens: per_second,
+                    at: Instant::now(),
+                })
+            }),
+        }
+    }
+
+    /// The tenant's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Its bound.
+    pub fn capacity(&self) -> Usage {
+        self.capacity
+    }
+
+    /// Its events per second, if limited.
+    pub fn per_second(&self) -> Option<f64> {
+        self.rate.as_ref().map(|r| match r.lock() {
+            Ok(bucket) => bucket.per_second,
+            Err(poisoned) => poisoned.into_inner().per_second,
+        })
+    }
+
+    /// What it holds now.
+    pub fn in_use(&self) -> Usage {
+        Usage {
+            events: self.capacity.events
+                - self.events.available_permits().min(self.capacity.events),
+            bytes: self.capacity.bytes - self.bytes.available_permits().min(self.capacity.bytes),
+        }
+    }
+
+    fn rate(&self, n: usize) -> Result<(), Duration> {
+        match &self.rate {
+            None => Ok(()),
+            Some(bucket) => match bucket.lock() {
+                Ok(mut bucket) => bucket.take(n),
+                Err(poisoned) => poisoned.into_inner().take(n),
+            },
+        }
+    }
+
+    fn over(&self, why: String, retry_after: Option<Duration>) -> AdmitError {
+        AdmitError::Quota {
+            tenant: Arc::clone(&self.name),
+            why,
+            retry_after,
+        }
+    }
+
+    fn check(&self, events: usize, bytes: usize) -> Result<(u32, u32), AdmitError> {
+        check_fits(events, bytes, self.capacity).map_err(|e| match e {
+            AdmitError::TooLarge {
+                what,
+                requested,
+                capacity,
+            } => self.over(
+                format!("{requested} {what} in one request, more than its whole quota ({capacity} {what} in flight)"),
+                None,
+            ),
+            other => other,
+        })
+    }
+
+    /// Its room for a request at once, or [`AdmitError::Quota`].
+    fn try_take(&self, events: usize, bytes: usize) -> Result<StreamShare, AdmitError> {
+        let (n_events, n_bytes) = self.check(events, bytes)?;
+        let full = || {
+            let used = self.in_use();
+            self.over(
+                format!(
+                    "{} of {} events and {} of {} bytes in flight (max_events_in_flight, max_bytes_in_flight)",
+                    used.events, self.capacity.events, used.bytes, self.capacity.bytes
+                ),
+                None,
+            )
+        };
+        let events_permit = match Arc::clone(&self.events).try_acquire_many_owned(n_events) {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => return Err(full()),
+            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
+        };
+        let bytes_permit = match Arc::clone(&self.bytes).try_acquire_many_owned(n_bytes) {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => return Err(full()),
+            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
+        };
+        // The rate last: tokens are taken only by a request that is admitted.
+        if let Err(wait) = self.rate(events) {
+            return Err(self.over(
+                format!(
+                    "more than {} events per second (events_per_second)",
+                    self.per_second().unwrap_or_default()
+                ),
+                Some(wait),
+            ));
+        }
+        Ok(StreamShare {
+            events: events_permit,
+            bytes: bytes_permit,
+        })
+    }
+
+    /// Its room for a request, waiting for the rate and then in line for the room.
+    async fn take(&self, events: usize, bytes: usize) -> Result<StreamShare, AdmitError> {
+        let (n_events, n_bytes) = self.check(events, bytes)?;
+        while let Err(wait) = self.rate(events) {
+            tokio::time::sleep(wait).await;
+        }
+        let closed = |_| AdmitError::Closed;
+        let events = Arc::clone(&self.events)
+            .acquire_many_owned(n_events)
+            .await
+            .map_err(closed)?;
+        let bytes = Arc::clone(&self.bytes)
+            .acquire_many_owned(n_bytes)
+            .await
+            .map_err(closed)?;
+        Ok(StreamShare { events, bytes })
+    }
+}
+
 /// The right to hold some events and bytes. Dropping it gives them back, exactly once.
 #[derive(Debug)]
 #[must_use = "dropping a permit releases its room at once"]
@@ -447,6 +684,8 @@ pub struct Permit {
     bytes: OwnedSemaphorePermit,
     /// The same amounts from the streams' share, for a stream's permit.
     stream: Option<StreamShare>,
+    /// The same amounts from the caller's tenant quota, with a tenants file.
+    tenant: Option<StreamShare>,
 }
 
 /// Room for one request message's bytes while it is received and decoded, from the
@@ -480,34 +719,48 @@ struct StreamShare {
     bytes: OwnedSemaphorePermit,
 }
 
+impl StreamShare {
+    fn merge(&mut self, other: StreamShare) {
+        self.events.merge(other.events);
+        self.bytes.merge(other.bytes);
+    }
+
+    fn shrink(&mut self, events: usize, bytes: usize) {
+        keep(&mut self.events, events);
+        keep(&mut self.bytes, bytes);
+    }
+}
+
+fn keep(permit: &mut OwnedSemaphorePermit, n: usize) {
+    let extra = permit.num_permits().saturating_sub(n);
+    drop(permit.split(extra));
+}
+
+fn merge_share(mine: &mut Option<StreamShare>, theirs: Option<StreamShare>) {
+    match (mine.as_mut(), theirs) {
+        (Some(mine), Some(theirs)) => mine.merge(theirs),
+        (None, theirs) => *mine = theirs,
+        (Some(_), None) => {}
+    }
+}
+
 impl Permit {
     /// Adds `other`'s room to this permit; both are released together. Used by a
     /// stream that took room for one event before reading a message and the rest after.
     pub fn merge(&mut self, other: Permit) {
         self.events.merge(other.events);
         self.bytes.merge(other.bytes);
-        match (&mut self.stream, other.stream) {
-            (Some(mine), Some(theirs)) => {
-                mine.events.merge(theirs.events);
-                mine.bytes.merge(theirs.bytes);
-            }
-            (mine @ None, theirs) => *mine = theirs,
-            (Some(_), None) => {}
-        }
+        merge_share(&mut self.stream, other.stream);
+        merge_share(&mut self.tenant, other.tenant);
     }
 
     /// Gives back everything beyond `events` events and `bytes` bytes: a request
     /// admitted for its upper bound keeps what it turned out to need.
     pub fn shrink(&mut self, events: usize, bytes: usize) {
-        fn keep(permit: &mut OwnedSemaphorePermit, n: usize) {
-            let extra = permit.num_permits().saturating_sub(n);
-            drop(permit.split(extra));
-        }
         keep(&mut self.events, events);
         keep(&mut self.bytes, bytes);
-        if let Some(share) = &mut self.stream {
-            keep(&mut share.events, events);
-            keep(&mut share.bytes, bytes);
+        for share in [&mut self.stream, &mut self.tenant].into_iter().flatten() {
+            share.shrink(events, bytes);
         }
     }
 
@@ -517,20 +770,24 @@ impl Permit {
     /// fewer bytes.
     pub fn split_bytes(&mut self, bytes: usize) -> Option<Permit> {
         let fits = |p: &OwnedSemaphorePermit| p.num_permits() >= bytes;
-        if !fits(&self.bytes) || self.stream.as_ref().is_some_and(|s| !fits(&s.bytes)) {
+        let share_fits = |s: &Option<StreamShare>| s.as_ref().is_none_or(|s| fits(&s.bytes));
+        if !fits(&self.bytes) || !share_fits(&self.stream) || !share_fits(&self.tenant) {
             return None;
         }
-        let stream = match &mut self.stream {
+        let split = |share: &mut Option<StreamShare>| match share {
             Some(share) => Some(StreamShare {
                 events: share.events.split(0)?,
                 bytes: share.bytes.split(bytes)?,
             }),
             None => None,
         };
+        let stream = split(&mut self.stream);
+        let tenant = split(&mut self.tenant);
         Some(Permit {
             events: self.events.split(0)?,
             bytes: self.bytes.split(bytes)?,
             stream,
+            tenant,
         })
     }
 

@@ -16,7 +16,10 @@
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::tls::TlsFiles;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
@@ -355,6 +358,30 @@ pub struct Args {
         value_name = "text|json"
     )]
     pub log_format: String,
+
+    /// PEM certificate chain for TLS on the gRPC listener; with --tls-key. Unset:
+    /// plaintext. Reloaded when the file changes and on SIGHUP.
+    #[arg(long, env = "INGEST_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<String>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "INGEST_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<String>,
+
+    /// PEM CA certificates: mutual TLS, every client must present a certificate
+    /// that chains to one of them (needs --tls-cert).
+    #[arg(long, env = "INGEST_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<String>,
+
+    /// Tenants file (TOML): who may publish what, and how much. Unset: no
+    /// authentication (local development). Reloaded when it changes and on SIGHUP.
+    #[arg(long, env = "INGEST_AUTH_FILE", value_name = "TOML")]
+    pub auth_file: Option<String>,
+
+    /// PEM CA certificates that an amqps:// broker's certificate must chain to
+    /// (in addition to the system's roots).
+    #[arg(long, env = "INGEST_AMQP_CA", value_name = "PEM")]
+    pub amqp_ca: Option<String>,
 }
 
 /// The defaults, without reading the command line or the environment.
@@ -389,6 +416,11 @@ impl Default for Args {
             http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT.to_owned(),
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE.to_owned(),
             log_format: DEFAULT_LOG_FORMAT.to_owned(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_file: None,
+            amqp_ca: None,
         }
     }
 }
@@ -457,6 +489,12 @@ pub struct Config {
     pub max_header_list_size: u32,
     /// Format of the log lines on stderr.
     pub log_format: LogFormat,
+    /// TLS on the gRPC listener; `None` = plaintext.
+    pub tls: Option<TlsFiles>,
+    /// The tenants file; `None` = no authentication.
+    pub auth_file: Option<PathBuf>,
+    /// CA for an `amqps://` broker.
+    pub amqp_ca: Option<PathBuf>,
     /// Settings adjusted because of other settings (e.g. a default
     /// `max_batch_events` lowered to `buffer_events`), one sentence each, for
     /// `main` to log once logging is up.
@@ -597,6 +635,11 @@ settings! {
     HTTP2_KEEPALIVE_TIMEOUT = "--http2-keepalive-timeout", "INGEST_HTTP2_KEEPALIVE_TIMEOUT";
     MAX_HEADER_LIST_SIZE = "--max-header-list-size", "INGEST_MAX_HEADER_LIST_SIZE";
     LOG_FORMAT = "--log-format", "INGEST_LOG_FORMAT";
+    TLS_CERT = "--tls-cert", "INGEST_TLS_CERT";
+    TLS_KEY = "--tls-key", "INGEST_TLS_KEY";
+    TLS_CLIENT_CA = "--tls-client-ca", "INGEST_TLS_CLIENT_CA";
+    AUTH_FILE = "--auth-file", "INGEST_AUTH_FILE";
+    AMQP_CA = "--amqp-ca", "INGEST_AMQP_CA";
 }
 
 /// Collects problems while every field is parsed.
@@ -816,6 +859,69 @@ impl TryFrom<Args> for Config {
             );
         }
 
+        let path =
+            |raw: &Option<String>| raw.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+        let tls = match (path(&args.tls_cert), path(&args.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: path(&args.tls_client_ca),
+            }),
+            (None, None) => {
+                if args.tls_client_ca.as_deref().is_some_and(|s| !s.is_empty()) {
+                    p.report(
+                        TLS_CLIENT_CA,
+                        format_args!(
+                            "is set without {TLS_CERT} and {TLS_KEY}: mutual TLS needs TLS"
+                        ),
+                    );
+                }
+                None
+            }
+            (Some(_), None) => {
+                p.report(
+                    TLS_KEY,
+                    format_args!("is missing: {TLS_CERT} needs its key"),
+                );
+                None
+            }
+            (None, Some(_)) => {
+                p.report(
+                    TLS_CERT,
+                    format_args!("is missing: {TLS_KEY} needs its certificate"),
+                );
+                None
+            }
+        };
+        let amqp_ca = path(&args.amqp_ca);
+        // A file that is not there is a typo: say so now, with the setting's name.
+        for (setting, raw) in [
+            (TLS_CERT, &args.tls_cert),
+            (TLS_KEY, &args.tls_key),
+            (TLS_CLIENT_CA, &args.tls_client_ca),
+            (AUTH_FILE, &args.auth_file),
+            (AMQP_CA, &args.amqp_ca),
+        ] {
+            if let Some(file) = path(raw)
+                && !file.is_file()
+            {
+                p.report(
+                    setting,
+                    format_args!("{} is not a readable file", file.display()),
+                );
+            }
+        }
+        if let (Some(_), Some(url)) = (&amqp_ca, &amqp_url)
+            && !url
+                .split(',')
+                .all(|u| u.trim_start().starts_with("amqps://"))
+        {
+            p.report(
+                AMQP_CA,
+                format_args!("is set, but {AMQP_URL} is not amqps://: the CA would not be used"),
+            );
+        }
+
         let (
             Some(listen),
             Some(admin_listen),
@@ -910,6 +1016,9 @@ impl TryFrom<Args> for Config {
             http2_keepalive_timeout,
             max_header_list_size,
             log_format,
+            tls,
+            auth_file: path(&args.auth_file),
+            amqp_ca,
             notices,
         })
     }
@@ -1361,6 +1470,11 @@ mod tests {
             http2_keepalive_timeout: "x".into(),
             max_header_list_size: "x".into(),
             log_format: "x".into(),
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            tls_client_ca: Some("/nonexistent/ca.pem".into()),
+            auth_file: Some("/nonexistent/tenants.toml".into()),
+            amqp_ca: Some("/nonexistent/amqp-ca.pem".into()),
         });
         assert_eq!(errs.len(), ALL_SETTINGS.len(), "{errs:#?}");
         for (s, e) in ALL_SETTINGS.iter().zip(&errs) {

@@ -10,13 +10,16 @@
 pub mod admin;
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod health;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod properties;
 pub mod publisher;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod validate;
 
@@ -72,12 +75,29 @@ pub struct App {
     draining: CancellationToken,
     /// Counts, gauges and histograms, served on the admin listener.
     metrics: Metrics,
+    /// TLS on the gRPC listener (reloaded when its files change), if configured.
+    tls: Option<Arc<tls::TlsAcceptor>>,
+    /// The tenants file (reloaded when it changes), if configured.
+    authenticator: Option<Arc<auth::Authenticator>>,
 }
 
 impl App {
     /// Wires the stages and starts connecting to the broker in the background. Must be
     /// called inside a tokio runtime.
     pub fn new(config: Config) -> Result<Self, RunError> {
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                tls::TlsAcceptor::new(files.clone()).map_err(RunError::Start)?,
+            )),
+            None => None,
+        };
+        let authenticator = match &config.auth_file {
+            Some(path) => Some(Arc::new(
+                auth::Authenticator::load(path, (config.buffer_events, config.buffer_bytes))
+                    .map_err(RunError::Start)?,
+            )),
+            None => None,
+        };
         let admission = Arc::new(Admission::new(config.buffer_events, config.buffer_bytes));
         let (state, state_rx) = watch::channel(BrokerState::default());
         let metrics = Metrics::new(
@@ -108,6 +128,8 @@ impl App {
             supervisor,
             draining: CancellationToken::new(),
             metrics,
+            tls,
+            authenticator,
         })
     }
 
@@ -138,6 +160,8 @@ impl App {
             supervisor,
             draining,
             metrics,
+            tls,
+            authenticator,
         } = self;
         let admin_addr = admin.local_addr();
         let admin_stop = CancellationToken::new();
@@ -189,8 +213,22 @@ impl App {
         ))
         .max_decoding_message_size(max_message);
 
+        let mut reloadable: Vec<Arc<dyn reload::Reloadable>> = Vec::new();
+        if let Some(tls) = &tls {
+            reloadable.push(Arc::clone(tls) as Arc<dyn reload::Reloadable>);
+        }
+        if let Some(authenticator) = &authenticator {
+            reloadable.push(Arc::clone(authenticator) as Arc<dyn reload::Reloadable>);
+            metrics.watch_tenants(Arc::clone(authenticator));
+        }
+        let reload_stop = CancellationToken::new();
+        tokio::spawn(reload::watch(reloadable, reload_stop.clone()));
+
         tracing::info!(
             listen = %shown_addr(listener.local_addr()),
+            tls = tls.is_some(),
+            mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            tenants = authenticator.as_ref().map_or(0, |a| a.tenants().tenants.len()),
             admin = %shown_addr(admin_addr),
             max_message,
             buffer_events = config.buffer_events,
@@ -233,13 +271,15 @@ impl App {
                 .http2_max_header_list_size(config.max_header_list_size)
                 .http2_keepalive_interval(Some(config.http2_keepalive_interval))
                 .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+                // Authentication first: a refused call's body is never read.
+                .layer(auth::layer::AuthLayer::new(authenticator, metrics.clone()))
                 .layer(intake)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(ingest)
                 .serve_with_incoming_shutdown(
-                    transport::incoming(listener, transport_settings),
+                    transport::incoming(listener, transport_settings, tls.clone()),
                     async {
                         let _ = stopped.await;
                     },
@@ -278,6 +318,7 @@ impl App {
         let _ = supervisor.await;
         admin_stop.cancel();
         let _ = admin_task.await;
+        reload_stop.cancel();
         metrics.shutdown();
         if left.events > 0 {
             tracing::error!(

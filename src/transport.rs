@@ -8,6 +8,11 @@
 //! process holds nothing for them. Accept errors never end the loop: a descriptor
 //! shortage is logged (once per episode) and retried after a pause, since closing
 //! connections will free descriptors.
+//!
+//! With TLS, the handshake runs concurrently per connection (up to the connection
+//! limit, each already holding its slot) under the same handshake timeout, so a slow
+//! or silent client does not hold up the next one; a failed handshake closes only its
+//! own connection.
 
 use std::{
     io,
@@ -17,14 +22,17 @@ use std::{
     time::Duration,
 };
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use rustls::pki_types::CertificateDer;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+use crate::tls::TlsAcceptor;
 
 /// Pause after an accept error before the next attempt.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -43,12 +51,43 @@ pub struct TransportSettings {
     pub handshake_timeout: Duration,
 }
 
-/// Accepted connections, at most `max_connections` open at once. The stream never
-/// ends by itself and never yields an error: accept errors are logged and retried.
+/// Accepted connections, at most `max_connections` open at once, after their TLS
+/// handshake when `tls` is set. The stream never ends by itself and never yields an
+/// error: accept errors are logged and retried, failed handshakes logged and dropped.
 pub fn incoming(
     listener: TcpListener,
     settings: TransportSettings,
-) -> impl Stream<Item = Result<Connection, io::Error>> {
+    tls: Option<Arc<TlsAcceptor>>,
+) -> impl Stream<Item = Result<Io, io::Error>> {
+    let concurrency = settings.max_connections.max(1);
+    accepted(listener, settings)
+        .map(move |connection| {
+            let tls = tls.clone();
+            async move {
+                let Some(tls) = tls else {
+                    return Some(Io::Plain(connection));
+                };
+                let remote = connection.stream.peer_addr().ok();
+                let deadline = connection.deadline();
+                match tokio::time::timeout_at(deadline, tls.accept(connection)).await {
+                    Ok(Ok(stream)) => Some(Io::Tls(Box::new(stream))),
+                    Ok(Err(error)) => {
+                        tracing::debug!(?remote, %error, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(?remote, "no TLS handshake within the handshake timeout");
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter_map(|io| async move { io.map(Ok) })
+}
+
+/// Accepted TCP connections, each holding its slot.
+fn accepted(listener: TcpListener, settings: TransportSettings) -> impl Stream<Item = Connection> {
     let slots = Arc::new(Semaphore::new(
         settings.max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
@@ -67,7 +106,7 @@ pub fn incoming(
                         // Small gRPC answers must not wait for Nagle's algorithm.
                         let _ = stream.set_nodelay(true);
                         let connection = Connection::new(stream, slot, settings.handshake_timeout);
-                        return Some((Ok(connection), (listener, slots, short)));
+                        return Some((connection, (listener, slots, short)));
                     }
                     Err(error) => {
                         if is_out_of_descriptors(&error) {
@@ -113,11 +152,112 @@ impl Connection {
     }
 }
 
-impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+impl Connection {
+    /// When the handshake must be done by.
+    fn deadline(&self) -> Instant {
+        self.handshake
+            .as_ref()
+            .map_or_else(Instant::now, |(sleep, _)| sleep.deadline())
+    }
+}
+
+/// What a request knows of its connection (in its extensions): who is at the other end
+/// and, with mutual TLS, the certificate it proved it holds.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote: Option<std::net::SocketAddr>,
+    /// The client's verified certificate (leaf), with mutual TLS.
+    pub client_cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+/// A served connection: plain TCP or TLS over it.
+#[derive(Debug)]
+pub enum Io {
+    /// Plaintext (no `--tls-cert`).
+    Plain(Connection),
+    /// After a completed TLS handshake.
+    Tls(Box<tokio_rustls::server::TlsStream<Connection>>),
+}
+
+impl Connected for Io {
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        match self {
+            Io::Plain(connection) => PeerInfo {
+                remote: connection.stream.peer_addr().ok(),
+                client_cert: None,
+            },
+            Io::Tls(stream) => {
+                let (connection, session) = stream.get_ref();
+                PeerInfo {
+                    remote: connection.stream.peer_addr().ok(),
+                    client_cert: session
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| Arc::new(leaf.clone().into_owned())),
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(c) => Pin::new(c).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(c) => c.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 

@@ -109,6 +109,12 @@ impl ValidEvent {
     pub fn into_id(self) -> String {
         self.id
     }
+    /// Adds a header the service sets itself (e.g. the caller's tenant): callers
+    /// cannot set `x-*` attributes, so whatever is stamped here is the service's word.
+    pub fn stamp(&mut self, key: &str, value: &str) {
+        self.attributes.retain(|(k, _)| k != key);
+        self.attributes.push((key.to_owned(), value.to_owned()));
+    }
 }
 
 /// A whole request's events, all valid, with their total size precomputed.
@@ -142,6 +148,13 @@ impl ValidBatch {
     /// Hands the events over.
     pub fn into_events(self) -> Vec<ValidEvent> {
         self.events
+    }
+    /// The events, to stamp headers on; the size is computed again afterwards.
+    pub fn stamp_all(&mut self, key: &str, value: &str) {
+        for event in &mut self.events {
+            event.stamp(key, value);
+        }
+        self.bytes = self.events.iter().map(ValidEvent::size).sum();
     }
 }
 

@@ -34,6 +34,7 @@ use tracing::Instrument;
 use super::{ServiceSettings, admit_reason, call::Call, hints::RetryHints, intake, status};
 use crate::{
     admission::{Admission, Permit},
+    auth::Caller,
     proto::{PublishAck, PublishRequest},
     publisher::{self, BrokerState, Lane, Pending, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
@@ -66,6 +67,8 @@ pub(super) struct AckedContext {
     pub(super) incoming: trace::Incoming,
     /// The call's request metadata (its `grpc-timeout`, for the RPC metrics).
     pub(super) metadata: MetadataMap,
+    /// The authenticated caller, with a tenants file.
+    pub(super) caller: Option<Caller>,
 }
 
 /// Starts the stream's task; its acks come out of the returned stream.
@@ -225,6 +228,9 @@ fn start(
     let sequence = request.sequence;
     let n = request.events.len();
     ctx.metrics.received(Rpc::PublishAcked, n);
+    if let Some(Caller(tenant)) = &ctx.caller {
+        ctx.metrics.tenant_received(&tenant.name, n);
+    }
     if n == 0 {
         // An empty request keeps an idle stream open; it is acknowledged like any other.
         return Settling::Done(Some((ok(sequence, Vec::new()), None)));
@@ -241,7 +247,7 @@ fn start(
         let status = status::stalled(&ctx.publisher.stall_reason());
         return refused(ctx, sequence, n, Reason::Stalled, status);
     }
-    let batch = match validate::validate_batch(request.events, &ctx.settings.limits) {
+    let mut batch = match validate::validate_batch(request.events, &ctx.settings.limits) {
         Ok(batch) => batch,
         Err(violations) => {
             return refused(
@@ -253,13 +259,20 @@ fn start(
             );
         }
     };
+    if let Err(status) = super::authorize_batch(ctx.caller.as_ref(), &mut batch) {
+        return refused(ctx, sequence, n, Reason::Denied, status);
+    }
     let mut permit = match ticket {
         Some(intake::Ticket { mut permit, .. }) => {
             permit.shrink(batch.len(), batch.bytes());
             permit
         }
         // Served without the intake layer: admit here, without waiting.
-        None => match ctx.admission.try_admit(batch.len(), batch.bytes()) {
+        None => match ctx.admission.try_admit_for(
+            ctx.caller.as_ref().map(|c| &*c.0.quota),
+            batch.len(),
+            batch.bytes(),
+        ) {
             Ok(permit) => permit,
             Err(e) => {
                 let reason = admit_reason(&e);
@@ -300,6 +313,9 @@ fn refused(
     status: Status,
 ) -> Settling {
     ctx.metrics.rejected(reason, n);
+    if let Some(Caller(tenant)) = &ctx.caller {
+        ctx.metrics.tenant_rejected(&tenant.name, reason, n);
+    }
     Settling::Done(Some((failed(sequence, &status), None)))
 }
 

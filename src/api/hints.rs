@@ -43,7 +43,18 @@ impl RetryHints {
 
     /// The delay for a request admission refused with `error`.
     pub fn exhausted(&self, error: &AdmitError) -> Duration {
-        let delay = self.bounded(room_seconds(error, self.publisher.confirm_rate()));
+        let seconds = match error {
+            // The tenant's rate says when its tokens are back.
+            AdmitError::Quota {
+                retry_after: Some(wait),
+                ..
+            } => wait.as_secs_f64(),
+            // Its in-flight room frees as fast as the broker confirms: a guess of
+            // one event's worth is too little to matter, so the floor.
+            AdmitError::Quota { .. } => 0.0,
+            _ => room_seconds(error, self.publisher.confirm_rate()),
+        };
+        let delay = self.bounded(seconds);
         self.metrics.retry_delay(delay, true);
         delay
     }

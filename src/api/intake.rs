@@ -180,7 +180,13 @@ where
         let tickets = Tickets::default();
         request.extensions_mut().insert(tickets.clone());
         let settings = Arc::clone(&self.settings);
-        let request = request.map(|body| Body::new(IntakeBody::new(body, mode, settings, tickets)));
+        // Authenticated by the layer in front: the tenant's quota is admitted from first.
+        let quota = request
+            .extensions()
+            .get::<crate::auth::Caller>()
+            .map(|c| Arc::clone(&c.0.quota));
+        let request =
+            request.map(|body| Body::new(IntakeBody::new(body, mode, settings, tickets, quota)));
         self.inner.call(request)
     }
 }
@@ -217,6 +223,8 @@ pub struct IntakeBody {
     started: Instant,
     /// Events of the message being refused, when known.
     events: usize,
+    /// The caller's tenant quota, with a tenants file: admitted from first.
+    quota: Option<Arc<crate::admission::TenantQuota>>,
 }
 
 impl std::fmt::Debug for IntakeBody {
@@ -230,7 +238,13 @@ impl std::fmt::Debug for IntakeBody {
 }
 
 impl IntakeBody {
-    fn new(inner: Body, mode: Mode, settings: Arc<IntakeSettings>, tickets: Tickets) -> Self {
+    fn new(
+        inner: Body,
+        mode: Mode,
+        settings: Arc<IntakeSettings>,
+        tickets: Tickets,
+        quota: Option<Arc<crate::admission::TenantQuota>>,
+    ) -> Self {
         let mut limits = settings.limits;
         if mode == Mode::Other {
             limits.max_message = settings.max_other_message;
@@ -250,6 +264,7 @@ impl IntakeBody {
             failed: false,
             started: Instant::now(),
             events: 0,
+            quota,
         }
     }
 
@@ -283,7 +298,7 @@ impl IntakeBody {
                 self.events = events;
                 let bound = admission::message_bound(len, events, attributes);
                 let permit = admission
-                    .try_admit(events, bound)
+                    .try_admit_for(self.quota.as_deref(), events, bound)
                     .map_err(|e| self.refusal(e))?;
                 self.granted(Granted::Admitted(permit));
             }
@@ -297,9 +312,10 @@ impl IntakeBody {
             ) => {
                 let bound = admission::message_bound(len, events, attributes);
                 let admission = Arc::clone(admission);
+                let quota = self.quota.clone();
                 self.waiting = Some(Box::pin(async move {
                     admission
-                        .admit_stream(events, bound)
+                        .admit_stream_for(quota.as_deref(), events, bound)
                         .await
                         .map(Granted::Admitted)
                 }));
@@ -373,6 +389,10 @@ impl IntakeBody {
         let metrics = &self.settings.metrics;
         metrics.received(Rpc::Publish, self.events);
         metrics.rejected(reason, self.events);
+        if let Some(quota) = &self.quota {
+            metrics.tenant_received(quota.name(), self.events);
+            metrics.tenant_rejected(quota.name(), reason, self.events);
+        }
     }
 
     fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {

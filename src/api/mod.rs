@@ -6,7 +6,7 @@ mod call;
 pub mod framing;
 pub mod hints;
 pub mod intake;
-mod status;
+pub(crate) mod status;
 mod stream;
 
 pub use stream::CONFIRMED_COUNT;
@@ -21,10 +21,11 @@ use self::call::Call;
 
 use crate::{
     admission::{self, Admission, AdmitError},
+    auth::{Caller, TENANT_HEADER},
     proto::{Event, PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
     publisher::{self, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
-    validate::{self, Limits},
+    validate::{self, Limits, ValidEvent},
 };
 
 /// Largest encoded size of one event's metadata: id, topic, content type, time and
@@ -134,6 +135,7 @@ impl Ingest for IngestService {
             hints: self.hints.clone(),
             incoming,
             metadata: request.metadata().clone(),
+            caller: request.extensions().get::<Caller>().cloned(),
         };
         Ok(Response::new(acked::spawn(ctx, request.into_inner(), span)))
     }
@@ -150,8 +152,15 @@ impl Ingest for IngestService {
             .extensions()
             .get::<intake::Tickets>()
             .and_then(intake::Tickets::take);
+        let caller = request.extensions().get::<Caller>().cloned();
         let result = self
-            .publish_batch(request.into_inner().events, ticket, &incoming, &mut call)
+            .publish_batch(
+                request.into_inner().events,
+                ticket,
+                caller.as_ref(),
+                &incoming,
+                &mut call,
+            )
             .instrument(span.clone())
             .await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
@@ -194,6 +203,7 @@ impl Ingest for IngestService {
                 stall_timeout: self.settings.stream_stall_timeout,
                 draining: &self.draining,
                 incoming: &incoming,
+                caller: request.extensions().get::<Caller>().cloned(),
             };
             stream::run(ctx, request.into_inner())
                 .instrument(span.clone())
@@ -228,13 +238,20 @@ impl IngestService {
         &self,
         events: Vec<Event>,
         ticket: Option<intake::Ticket>,
+        caller: Option<&Caller>,
         incoming: &trace::Incoming,
         call: &mut Call<'_>,
     ) -> Result<Vec<String>, Status> {
         let n = events.len();
         self.metrics.received(Rpc::Publish, n);
+        if let Some(Caller(tenant)) = caller {
+            self.metrics.tenant_received(&tenant.name, n);
+        }
         let reject = |reason, status| {
             self.metrics.rejected(reason, n);
+            if let Some(Caller(tenant)) = caller {
+                self.metrics.tenant_rejected(&tenant.name, reason, n);
+            }
             status
         };
         if self.draining.is_cancelled() {
@@ -261,8 +278,9 @@ impl IngestService {
             // Admitted by the intake before it was decoded, for its upper bound: keep
             // what the validated events cost, and the request's bytes are free.
             Some(intake::Ticket { mut permit, .. }) => {
-                let batch = validate::validate_batch(events, &self.settings.limits)
+                let mut batch = validate::validate_batch(events, &self.settings.limits)
                     .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
+                authorize_batch(caller, &mut batch).map_err(|s| reject(Reason::Denied, s))?;
                 permit.shrink(batch.len(), batch.bytes());
                 (batch, permit)
             }
@@ -274,11 +292,12 @@ impl IngestService {
                 self.admission
                     .check_room(n, validate::estimated_size(&events))
                     .map_err(refused)?;
-                let batch = validate::validate_batch(events, &self.settings.limits)
+                let mut batch = validate::validate_batch(events, &self.settings.limits)
                     .map_err(|v| reject(Reason::Invalid, status::invalid(v)))?;
+                authorize_batch(caller, &mut batch).map_err(|s| reject(Reason::Denied, s))?;
                 let permit = self
                     .admission
-                    .try_admit(batch.len(), batch.bytes())
+                    .try_admit_for(caller.map(|c| &*c.0.quota), batch.len(), batch.bytes())
                     .map_err(refused)?;
                 (batch, permit)
             }
@@ -302,11 +321,62 @@ impl IngestService {
     }
 }
 
+/// With a tenant: every event's topic must be one of its patterns, else
+/// `PERMISSION_DENIED` naming the first that is not (and nothing of the request is
+/// published); each event is stamped with the tenant's name ([`TENANT_HEADER`]).
+/// `first_index` is the index of `events[0]` in what the caller sent.
+pub(super) fn authorize(
+    caller: Option<&Caller>,
+    events: &mut [ValidEvent],
+    first_index: usize,
+) -> Result<(), Status> {
+    let Some(Caller(tenant)) = caller else {
+        return Ok(());
+    };
+    check_topics(tenant, events, first_index)?;
+    for event in events.iter_mut() {
+        event.stamp(TENANT_HEADER, &tenant.name);
+    }
+    Ok(())
+}
+
+/// [`authorize`] for a whole request (its size is computed again after the stamp).
+pub(super) fn authorize_batch(
+    caller: Option<&Caller>,
+    batch: &mut validate::ValidBatch,
+) -> Result<(), Status> {
+    let Some(Caller(tenant)) = caller else {
+        return Ok(());
+    };
+    check_topics(tenant, batch.events(), 0)?;
+    batch.stamp_all(TENANT_HEADER, &tenant.name);
+    Ok(())
+}
+
+fn check_topics(
+    tenant: &crate::auth::Tenant,
+    events: &[ValidEvent],
+    first_index: usize,
+) -> Result<(), Status> {
+    match events
+        .iter()
+        .enumerate()
+        .find(|(_, e)| !tenant.allows(e.topic()))
+    {
+        None => Ok(()),
+        Some((i, event)) => {
+            let field = format!("events[{}].topic", first_index.saturating_add(i));
+            Err(status::topic_denied(&tenant.name, &field, event.topic()))
+        }
+    }
+}
+
 /// The `reason` label of an admission refusal.
 pub(super) fn admit_reason(error: &AdmitError) -> Reason {
     match error {
         AdmitError::Exhausted { .. } => Reason::Exhausted,
         AdmitError::TooLarge { .. } => Reason::Invalid,
         AdmitError::Closed => Reason::Unavailable,
+        AdmitError::Quota { .. } => Reason::Quota,
     }
 }

@@ -49,7 +49,42 @@ pub(crate) fn not_admitted(error: AdmitError, retry_after: Duration) -> Status {
             ),
         }]),
         AdmitError::Closed => shutting_down(),
+        AdmitError::Quota {
+            ref tenant,
+            ref why,
+            ..
+        } => {
+            let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+            details.add_quota_failure_violation(format!("tenant:{tenant}"), why.clone());
+            let mut status = Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("{error}; retry later"),
+                details,
+            );
+            pushback(&mut status, retry_after);
+            status
+        }
     }
+}
+
+/// `UNAUTHENTICATED`: no credential, or none that names a tenant.
+pub(crate) fn unauthenticated(why: &str) -> Status {
+    Status::unauthenticated(why.to_owned())
+}
+
+/// `PERMISSION_DENIED`: the tenant may not publish to `events[index].topic`.
+pub(crate) fn topic_denied(tenant: &str, field: &str, topic: &str) -> Status {
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("field".to_owned(), field.to_owned());
+    metadata.insert("topic".to_owned(), topic.to_owned());
+    metadata.insert("tenant".to_owned(), tenant.to_owned());
+    Status::with_error_details(
+        Code::PermissionDenied,
+        format!(
+            "{field}: tenant {tenant:?} may not publish to topic {topic:?}; nothing of the request was published"
+        ),
+        ErrorDetails::with_error_info("TOPIC_NOT_ALLOWED", "ingest", metadata),
+    )
 }
 
 /// A publish that could not start or an event that was not confirmed.
@@ -140,9 +175,14 @@ pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 pub(crate) fn retryable(code: Code, message: impl Into<String>, delay: Duration) -> Status {
     let mut status =
         Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)));
+    pushback(&mut status, delay);
+    status
+}
+
+/// Adds the `grpc-retry-pushback-ms` trailer for `delay`.
+fn pushback(status: &mut Status, delay: Duration) {
     let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
     status
         .metadata_mut()
         .insert(RETRY_PUSHBACK, tonic::metadata::MetadataValue::from(millis));
-    status
 }

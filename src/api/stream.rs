@@ -45,6 +45,8 @@ pub(super) struct StreamContext<'a> {
     pub(super) stall_timeout: Duration,
     pub(super) draining: &'a CancellationToken,
     pub(super) incoming: &'a trace::Incoming,
+    /// The authenticated caller, with a tenants file.
+    pub(super) caller: Option<crate::auth::Caller>,
 }
 
 /// Runs one stream to its end; `Ok` carries the number of events confirmed, `Err` a
@@ -111,6 +113,9 @@ async fn read_all(
         let ticket = ctx.tickets.take();
         let received = request.events.len();
         ctx.metrics.received(Rpc::PublishStream, received);
+        if let Some(crate::auth::Caller(tenant)) = &ctx.caller {
+            ctx.metrics.tenant_received(&tenant.name, received);
+        }
         // An empty message is allowed: a caller may use it to keep an idle stream open.
         if received > ctx.limits.max_batch_events {
             ctx.metrics.rejected(Reason::Invalid, received);
@@ -123,7 +128,17 @@ async fn read_all(
                 ),
             }]));
         }
-        let (valid, violations) = valid_prefix(request, next_index, ctx.limits);
+        let (mut valid, violations) = valid_prefix(request, next_index, ctx.limits);
+        let first = usize::try_from(next_index).unwrap_or(usize::MAX);
+        if let Err(status) = super::authorize(ctx.caller.as_ref(), &mut valid, first) {
+            // Nothing of this message is published; the stream ends here.
+            ctx.metrics.rejected(Reason::Denied, received);
+            if let Some(crate::auth::Caller(tenant)) = &ctx.caller {
+                ctx.metrics
+                    .tenant_rejected(&tenant.name, Reason::Denied, received);
+            }
+            return Err(status);
+        }
         // The events after the first invalid one are dropped with it.
         ctx.metrics
             .rejected(Reason::Invalid, received - valid.len());
@@ -163,7 +178,14 @@ async fn read_all(
                 }
                 // Served without the intake layer: admit here.
                 None => progress
-                    .settling(ctx.draining, ctx.admission.admit_stream(n, bytes))
+                    .settling(
+                        ctx.draining,
+                        ctx.admission.admit_stream_for(
+                            ctx.caller.as_ref().map(|c| &*c.0.quota),
+                            n,
+                            bytes,
+                        ),
+                    )
                     .await?
                     .map_err(|e| status::not_admitted(e, Duration::ZERO))
                     .inspect_err(|_| ctx.metrics.rejected(Reason::Invalid, n))?,

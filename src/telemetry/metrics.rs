@@ -51,11 +51,15 @@ pub enum Reason {
     Cancelled,
     /// Refused while the broker was stalled.
     Stalled,
+    /// The caller's tenant was over its quota (in flight, or rate).
+    Quota,
+    /// The caller's tenant may not publish to the topic.
+    Denied,
 }
 
 impl Reason {
     /// Every reason, in label order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Invalid,
         Reason::Exhausted,
         Reason::Unavailable,
@@ -65,6 +69,8 @@ impl Reason {
         Reason::Deadline,
         Reason::Cancelled,
         Reason::Stalled,
+        Reason::Quota,
+        Reason::Denied,
     ];
 
     fn as_str(self) -> &'static str {
@@ -78,6 +84,8 @@ impl Reason {
             Reason::Deadline => "deadline",
             Reason::Cancelled => "cancelled",
             Reason::Stalled => "stalled",
+            Reason::Quota => "quota",
+            Reason::Denied => "denied",
         }
     }
 }
@@ -121,11 +129,15 @@ struct Inner {
     rpc_seconds: Histogram<f64>,
     retry_delay_seconds: Histogram<f64>,
     streams_active: UpDownCounter<i64>,
+    /// Calls refused for want of a credential that names a tenant.
+    unauthenticated: Counter<u64>,
+    /// Events of each tenant, by outcome at the API (`received`, or a refusal reason).
+    tenant_events: Counter<u64>,
     /// Label sets built once, so recording allocates nothing.
     rpc_labels: [[KeyValue; 1]; Rpc::ALL.len()],
     /// `[rpc][code]` label pairs for the RPC duration histogram.
     rpc_code_labels: [Vec<[KeyValue; 2]>; Rpc::ALL.len()],
-    reason_labels: [[KeyValue; 1]; 9],
+    reason_labels: [[KeyValue; 1]; Reason::ALL.len()],
 }
 
 impl Metrics {
@@ -189,6 +201,14 @@ impl Metrics {
                 .i64_up_down_counter("ingest_streams_active")
                 .with_description("PublishStream and PublishAcked calls open")
                 .build(),
+            unauthenticated: meter
+                .u64_counter("ingest_calls_unauthenticated")
+                .with_description("Calls refused UNAUTHENTICATED (no credential names a tenant)")
+                .build(),
+            tenant_events: meter
+                .u64_counter("ingest_tenant_events")
+                .with_description("Events by tenant and outcome: received, or the refusal reason")
+                .build(),
             rpc_labels: Rpc::ALL.map(|r| [KeyValue::new("rpc", r.as_str())]),
             rpc_code_labels: Rpc::ALL.map(|r| {
                 (0..=16)
@@ -214,7 +234,70 @@ impl Metrics {
         }
         inner.confirmed.add(0, &[]);
         inner.streams_active.add(0, &[]);
+        inner.unauthenticated.add(0, &[]);
         Ok(Self(Arc::new(inner)))
+    }
+
+    /// Counts a call refused UNAUTHENTICATED.
+    pub fn unauthenticated(&self) {
+        self.0.unauthenticated.add(1, &[]);
+    }
+
+    /// Counts a tenant's events received. Tenants come from the tenants file, so the
+    /// label's values are bounded by it.
+    pub fn tenant_received(&self, tenant: &str, events: usize) {
+        self.tenant_events(tenant, "received", events);
+    }
+
+    /// Counts a tenant's events refused before publishing.
+    pub fn tenant_rejected(&self, tenant: &str, reason: Reason, events: usize) {
+        self.tenant_events(tenant, reason.as_str(), events);
+    }
+
+    fn tenant_events(&self, tenant: &str, outcome: &'static str, events: usize) {
+        if events > 0 {
+            self.0.tenant_events.add(
+                events as u64,
+                &[
+                    KeyValue::new("tenant", tenant.to_owned()),
+                    KeyValue::new("outcome", outcome),
+                ],
+            );
+        }
+    }
+
+    /// Exports each tenant's buffer use (`ingest_tenant_buffer_events{tenant}`,
+    /// `ingest_tenant_buffer_bytes{tenant}`), read from the tenants in force.
+    pub fn watch_tenants(&self, authenticator: Arc<crate::auth::Authenticator>) {
+        let meter = self.0.provider.meter("ingest");
+        for (name, description, bytes) in [
+            (
+                "ingest_tenant_buffer_events",
+                "Events a tenant has admitted and not yet settled",
+                false,
+            ),
+            (
+                "ingest_tenant_buffer_bytes",
+                "Bytes a tenant's admitted events hold",
+                true,
+            ),
+        ] {
+            let auth = Arc::clone(&authenticator);
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for tenant in &auth.tenants().tenants {
+                        let used = tenant.quota.in_use();
+                        let value = if bytes { used.bytes } else { used.events };
+                        observer.observe(
+                            value as u64,
+                            &[KeyValue::new("tenant", tenant.name.to_string())],
+                        );
+                    }
+                })
+                .build();
+        }
     }
 
     /// Counts events received on `rpc`.

@@ -9,6 +9,7 @@ mod observability;
 mod private_node_selftest;
 mod publish;
 mod python_client;
+mod security;
 mod shutdown;
 mod soak;
 mod stall;

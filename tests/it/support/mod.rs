@@ -5,6 +5,7 @@
 mod broker;
 mod child;
 mod load;
+pub mod pki;
 mod private_node;
 mod proxy;
 mod server;
