@@ -604,3 +604,57 @@ async fn a_tenant_flooding_far_over_its_quota_does_not_slow_another() {
     drop(server);
     queue.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_files_and_the_process_keeps_serving() {
+    let queue = TestQueue::new("#").await;
+    let dir = TempDir::new();
+    let auth = dir.write(
+        "tenants.toml",
+        format!(
+            "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{}\"]\ntopics = [\"#\"]\n",
+            token_sha256("token-a")
+        ),
+    );
+    let log = dir.path("stderr.log");
+    let server = ChildServer::start_with_stderr(
+        AMQP_URL,
+        &queue.exchange,
+        &[("INGEST_AUTH_FILE", &pki::s(&auth))],
+        std::process::Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    let mut client = server.ready_client().await;
+    until_ok(&mut client, || {
+        bearer(tonic::Request::new(one("t.hup", "h-1")), "token-a")
+    })
+    .await;
+
+    // SIGHUP's default action ends a process: here it reloads instead.
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("SIGHUP: reloading") && text.contains("what=\"tenants file\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload logged after SIGHUP:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
+        .publish(bearer(tonic::Request::new(one("t.hup", "h-2")), "token-a"))
+        .await
+        .expect("still serving after SIGHUP");
+    assert_eq!(
+        queue.settled_message_ids(Duration::from_millis(300)).await,
+        ["h-1", "h-2"]
+    );
+    drop(server);
+    queue.cleanup().await;
+}
