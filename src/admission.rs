@@ -320,23 +320,10 @@ impl Admission {
             free_events: self.events.available_permits(),
             free_bytes: self.bytes.available_permits(),
         };
-        let event_permit = match Arc::clone(&self.events).try_acquire_many_owned(n_events) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) => return Err(exhausted()),
-            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
-        };
-        let byte_permit = match Arc::clone(&self.bytes).try_acquire_many_owned(n_bytes) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) => {
-                // All or nothing: give the events back before reporting what is free.
-                drop(event_permit);
-                return Err(exhausted());
-            }
-            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
-        };
+        let share = try_both(&self.events, &self.bytes, n_events, n_bytes, exhausted)?;
         Ok(Permit {
-            events: event_permit,
-            bytes: byte_permit,
+            events: share.events,
+            bytes: share.bytes,
             stream: None,
             tenant: None,
         })
@@ -477,6 +464,31 @@ pub fn chunk_share(bytes: usize) -> usize {
 /// `p` percent of `n`, at least 1, without overflow.
 fn percent(n: usize, p: usize) -> usize {
     (n / 100 * p + n % 100 * p / 100).max(1)
+}
+
+/// Takes `n_events` and `n_bytes` at once, all or nothing; `full` says why not when
+/// either lacks room (the events are given back before it is asked).
+fn try_both(
+    events: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
+    n_events: u32,
+    n_bytes: u32,
+    full: impl Fn() -> AdmitError,
+) -> Result<StreamShare, AdmitError> {
+    let take = |semaphore: &Arc<Semaphore>, n| match Arc::clone(semaphore).try_acquire_many_owned(n)
+    {
+        Ok(p) => Ok(p),
+        Err(TryAcquireError::NoPermits) => Err(None),
+        Err(TryAcquireError::Closed) => Err(Some(AdmitError::Closed)),
+    };
+    let events = take(events, n_events).map_err(|e| e.unwrap_or_else(&full))?;
+    match take(bytes, n_bytes) {
+        Ok(bytes) => Ok(StreamShare { events, bytes }),
+        Err(e) => {
+            drop(events);
+            Err(e.unwrap_or_else(full))
+        }
+    }
 }
 
 fn check_fits(events: usize, bytes: usize, capacity: Usage) -> Result<(u32, u32), AdmitError> {
@@ -631,16 +643,7 @@ impl TenantQuota {
                 None,
             )
         };
-        let events_permit = match Arc::clone(&self.events).try_acquire_many_owned(n_events) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) => return Err(full()),
-            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
-        };
-        let bytes_permit = match Arc::clone(&self.bytes).try_acquire_many_owned(n_bytes) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) => return Err(full()),
-            Err(TryAcquireError::Closed) => return Err(AdmitError::Closed),
-        };
+        let share = try_both(&self.events, &self.bytes, n_events, n_bytes, full)?;
         // The rate last: tokens are taken only by a request that is admitted.
         if let Err(wait) = self.rate(events) {
             return Err(self.over(
@@ -651,10 +654,7 @@ impl TenantQuota {
                 Some(wait),
             ));
         }
-        Ok(StreamShare {
-            events: events_permit,
-            bytes: bytes_permit,
-        })
+        Ok(share)
     }
 
     /// Its room for a request, waiting for the rate and then in line for the room.

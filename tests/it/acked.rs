@@ -230,21 +230,13 @@ async fn a_stalled_broker_stops_the_stream_with_bounded_memory_then_every_reques
     let (pulled, mut acks) = open(&mut client, requests).await;
 
     // What the caller handed over stops growing.
-    let mut last = usize::MAX;
-    let deadline = tokio::time::Instant::now() + GUARD;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = pulled.load(Ordering::SeqCst);
-        if now == last {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stream never stalled ({now} requests taken)"
-        );
-        last = now;
-    }
-    let handed_over = pulled.load(Ordering::SeqCst);
+    let handed_over = crate::support::until_it_stops_growing(
+        &pulled,
+        "the stream",
+        Duration::from_millis(500),
+        GUARD,
+    )
+    .await;
     // Admitted (the streams' 3/4 of the byte buffer) + the HTTP/2 windows + the one
     // request read before admission + what the client library buffers.
     let bound = BUFFER_BYTES * 3 / 4 / EVENT_BYTES + STREAM_WINDOW / EVENT_BYTES + 1 + 3;
@@ -346,21 +338,14 @@ async fn a_caller_that_does_not_read_its_acks_is_pushed_back() {
         .into_inner();
 
     // Not reading: what the caller hands over stops growing.
-    let mut last = usize::MAX;
-    let deadline = tokio::time::Instant::now() + GUARD;
-    loop {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = pulled.load(Ordering::SeqCst);
-        if now == last {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stream never stopped ({now} requests taken while no ack was read)"
-        );
-        last = now;
-    }
-    let handed_over = pulled.load(Ordering::SeqCst);
+    // No ack is read: the stream must stop taking requests.
+    let handed_over = crate::support::until_it_stops_growing(
+        &pulled,
+        "the stream with no ack read",
+        Duration::from_millis(1000),
+        GUARD,
+    )
+    .await;
     let (rss, peak) = server.memory();
     let limit = idle_rss + 16 * 1024 * 1024 + OVERHEAD;
     eprintln!(

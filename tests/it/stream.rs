@@ -292,21 +292,13 @@ async fn stalled_broker_stalls_streams_with_bounded_memory_then_everything_lands
     }
 
     // Let the streams run into the stall: what the callers handed over stops growing.
-    let mut last = usize::MAX;
-    let deadline = tokio::time::Instant::now() + GUARD;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = pulled.load(Ordering::SeqCst);
-        if now == last {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "streams never stalled ({now} messages taken)"
-        );
-        last = now;
-    }
-    let handed_over = pulled.load(Ordering::SeqCst);
+    let handed_over = crate::support::until_it_stops_growing(
+        &pulled,
+        "streams",
+        Duration::from_millis(500),
+        GUARD,
+    )
+    .await;
     // Admitted (the streams' 3/4 of the byte buffer) + per stream: its HTTP/2 window,
     // the one message read before admission, and what the client library buffers.
     let per_stream = STREAM_WINDOW / EVENT_BYTES + 1 + 3;

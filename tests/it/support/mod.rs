@@ -21,3 +21,28 @@ pub use server::{
     TestServer, http_get, json_event, publish_until_ok, request, spawn_ready_server, spawn_server,
     test_config,
 };
+
+/// Waits until `counter` (what a caller handed over) stops growing for `quiet`: the
+/// caller is stalled. Fails naming `what` if it still grows after `guard`.
+pub async fn until_it_stops_growing(
+    counter: &std::sync::atomic::AtomicUsize,
+    what: &str,
+    quiet: std::time::Duration,
+    guard: std::time::Duration,
+) -> usize {
+    use std::sync::atomic::Ordering;
+    let mut last = usize::MAX;
+    let deadline = tokio::time::Instant::now() + guard;
+    loop {
+        tokio::time::sleep(quiet).await;
+        let now = counter.load(Ordering::SeqCst);
+        if now == last {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never stalled ({now} taken)"
+        );
+        last = now;
+    }
+}
