@@ -109,6 +109,13 @@ impl App {
         let (publisher, supervisor) = Publisher::start(
             PublisherSettings {
                 amqp_url: config.amqp_url.clone(),
+                // Read once here: a file that is not a PEM CA stops the start.
+                amqp_ca: config
+                    .amqp_ca
+                    .as_deref()
+                    .map(publisher::read_ca)
+                    .transpose()
+                    .map_err(RunError::Start)?,
                 exchange: config.exchange.clone(),
                 declare_exchange: config.declare_exchange,
                 accept_unroutable: config.accept_unroutable,

@@ -7,10 +7,12 @@
 //! channel error), whether or not the caller is still waiting for the answer.
 
 mod amqp;
+mod broker_ca;
 mod last_error;
 mod stall;
 mod supervisor;
 
+pub use broker_ca::read_ca;
 pub use last_error::LastError;
 
 use std::{
@@ -43,8 +45,11 @@ use crate::{
 /// What the publisher needs from configuration.
 #[derive(Clone, Debug)]
 pub struct PublisherSettings {
-    /// Broker address, `amqp://user:pass@host:port/vhost`.
+    /// Broker address, `amqp://user:pass@host:port/vhost` (`amqps://` for TLS).
     pub amqp_url: String,
+    /// PEM CA certificates an `amqps://` broker's certificate may chain to, besides the
+    /// system's roots (`--amqp-ca`, read with [`read_ca`] at start).
+    pub amqp_ca: Option<String>,
     /// Exchange every event is published to; routing key = topic.
     pub exchange: String,
     /// Declare the exchange (durable topic) on every connect; otherwise check it exists.

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use lapin::{
     Connection, ConnectionProperties, Event, ExchangeKind,
     options::{ConfirmSelectOptions, ExchangeDeclareOptions},
+    tcp::OwnedTLSConfig,
     types::FieldTable,
     uri::AMQPUri,
 };
@@ -31,8 +32,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 struct Failure {
     /// One line for the logs, `/readyz` and callers.
     reason: String,
-    /// The broker refused the credentials or the vhost: retrying will not help until
-    /// someone fixes the configuration.
+    /// The broker refused the credentials or the vhost, or TLS failed (e.g. its
+    /// certificate is not trusted): retrying will not help until someone fixes the
+    /// configuration, so it is logged as an error.
     refused: bool,
 }
 
@@ -124,11 +126,18 @@ async fn connect(shared: &Shared) -> Result<Connection, Failure> {
     // noticed only when TCP gives up, minutes later; RabbitMQ proposes 60 s.
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let user = uri.authority.userinfo.username.clone();
-    let connection = Connection::connect_uri(uri, properties)
+    // For amqps://: the system's roots plus the --amqp-ca certificates, if any (lapin
+    // builds the rustls client from them on each connect). Plain amqp:// ignores it.
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: shared.settings.amqp_ca.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    let connection = Connection::connect_uri_with_config(uri, properties, tls, runtime)
         .await
         .map_err(|e| Failure {
             reason: last_error::describe(&e, &user),
-            refused: last_error::is_refusal(&e),
+            refused: last_error::needs_fix(&e),
         })?;
     if let Err(error) = setup(shared, &connection).await {
         let _ = timeout(CLOSE_TIMEOUT, connection.close(200, "setup failed".into())).await;

@@ -1,5 +1,6 @@
 mod abuse;
 mod acked;
+mod amqps;
 mod bench_smoke;
 mod broker_node;
 mod examples;

@@ -15,7 +15,7 @@ pub use broker::{
 };
 pub use child::ChildServer;
 pub use load::{Load, LoadReport, run_load, run_load_with};
-pub use private_node::PrivateNode;
+pub use private_node::{NodeTls, PrivateNode};
 pub use proxy::{CHUNK as PROXY_CHUNK, FaultProxy, Mode};
 pub use server::{
     TestServer, http_get, json_event, publish_until_ok, request, spawn_ready_server, spawn_server,

@@ -21,6 +21,9 @@
 //! connection that never publishes. `stop_app` loses non-durable queues and
 //! transient messages.
 //!
+//! [`PrivateNode::start_with_tls`] adds a TLS listener (`amqps://`) on a port of
+//! its own, with a certificate the test made; the plain listener stays.
+//!
 //! The node is shut down (and its folder removed) on drop, also when the test
 //! panics; a detached watchdog does the same if the test process is killed.
 
@@ -64,16 +67,38 @@ pub struct PrivateNode {
     name: String,
     port: u16,
     dir: PathBuf,
+    /// The TLS listener's port, if it has one.
+    tls_port: Option<u16>,
+}
+
+/// What a node's TLS listener presents, PEM: its certificate and key, and the CA
+/// RabbitMQ is given as `cacertfile` (clients are not asked for certificates).
+#[derive(Clone)]
+pub struct NodeTls {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
 }
 
 impl PrivateNode {
     /// Starts a fresh node and waits until it has fully booted. Panics with
     /// the node's log tail if it does not come up within 60 s.
     pub async fn start() -> PrivateNode {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`PrivateNode::start`], plus a TLS listener on 127.0.0.1 (see
+    /// [`PrivateNode::amqps_url`]) presenting `tls.cert`, with peer verification
+    /// off (`verify_none`, no client certificate needed).
+    pub async fn start_with_tls(tls: &NodeTls) -> PrivateNode {
+        Self::start_inner(Some(tls)).await
+    }
+
+    async fn start_inner(tls: Option<&NodeTls>) -> PrivateNode {
         // A port that looked free may be grabbed by someone else before the
         // node binds it; such a node dies with `eaddrinuse`, so try again.
         for _ in 0..3 {
-            match Self::try_start().await {
+            match Self::try_start(tls).await {
                 Ok(node) => return node,
                 Err(node) => {
                     eprintln!(
@@ -89,8 +114,11 @@ impl PrivateNode {
 
     /// `Err` only when the node died because its port was taken; any other
     /// failure panics.
-    async fn try_start() -> Result<PrivateNode, PrivateNode> {
+    async fn try_start(tls: Option<&NodeTls>) -> Result<PrivateNode, PrivateNode> {
         let port = pick_ports();
+        // A pair of its own too, though only the port itself is used: it keeps the
+        // two listeners of this process's nodes apart.
+        let tls_port = tls.map(|_| pick_ports());
         let n = NODE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!(
             "itpn-{}-{n}-{:08x}@localhost",
@@ -99,27 +127,36 @@ impl PrivateNode {
         );
         let dir = std::env::temp_dir().join(name.replace('@', "-"));
         // From here on Drop cleans up, whatever happens.
-        let node = PrivateNode { name, port, dir };
-        let result = node.boot().await;
+        let node = PrivateNode {
+            name,
+            port,
+            dir,
+            tls_port,
+        };
+        let result = node.boot(tls).await;
         release_ports(port);
+        if let Some(tls_port) = tls_port {
+            release_ports(tls_port);
+        }
         match result {
             Ok(()) => Ok(node),
             Err(()) => Err(node),
         }
     }
 
-    async fn boot(&self) -> Result<(), ()> {
+    async fn boot(&self, tls: Option<&NodeTls>) -> Result<(), ()> {
         let dir = &self.dir;
         std::fs::create_dir_all(dir.join("mnesia")).expect("create node mnesia dir");
         std::fs::create_dir_all(dir.join("log")).expect("create node log dir");
         std::fs::write(dir.join("plugins"), "[].\n").expect("write enabled plugins file");
         // Our own config file: the system one (/etc/rabbitmq/rabbitmq.conf)
         // would add a listener on 5672, which the shared broker holds.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{}\n", self.port),
-        )
-        .expect("write node config file");
+        let mut config = format!("listeners.tcp.local = 127.0.0.1:{}\n", self.port);
+        if let (Some(tls), Some(tls_port)) = (tls, self.tls_port) {
+            config.push_str(&self.write_tls_files(tls, tls_port));
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), config).expect("write node config file");
+        // Also the TLS files: the node reads them as `rabbitmq`.
         chown_to_rabbitmq(dir);
         self.spawn_watchdog();
 
@@ -180,13 +217,37 @@ impl PrivateNode {
             }
             sleep(Duration::from_millis(250)).await;
         }
+        let tls = self
+            .tls_port
+            .map(|p| format!(" (TLS on 127.0.0.1:{p})"))
+            .unwrap_or_default();
         eprintln!(
-            "private RabbitMQ node {} up on 127.0.0.1:{} in {:.1?}",
+            "private RabbitMQ node {} up on 127.0.0.1:{}{tls} in {:.1?}",
             self.name,
             self.port,
             started.elapsed()
         );
         Ok(())
+    }
+
+    /// Writes the TLS listener's files into the node's folder; returns the lines
+    /// of `rabbitmq.conf` that use them.
+    fn write_tls_files(&self, tls: &NodeTls, tls_port: u16) -> String {
+        let folder = self.dir.join("tls");
+        std::fs::create_dir_all(&folder).expect("create node tls dir");
+        let mut lines = format!("listeners.ssl.local = 127.0.0.1:{tls_port}\n");
+        for (key, file, pem) in [
+            ("cacertfile", "ca.pem", &tls.ca),
+            ("certfile", "cert.pem", &tls.cert),
+            ("keyfile", "key.pem", &tls.key),
+        ] {
+            let path = folder.join(file);
+            std::fs::write(&path, pem).expect("write node tls file");
+            lines.push_str(&format!("ssl_options.{key} = {}\n", path.display()));
+        }
+        lines.push_str("ssl_options.verify = verify_none\n");
+        lines.push_str("ssl_options.fail_if_no_peer_cert = false\n");
+        lines
     }
 
     /// Drop does not run when the test process is killed (a timeout, Ctrl-C),
@@ -264,6 +325,18 @@ impl PrivateNode {
     /// guest/guest on the default vhost (guest may log in from localhost).
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The TLS listener's port; panics if the node was started without one.
+    pub fn amqps_port(&self) -> u16 {
+        self.tls_port
+            .unwrap_or_else(|| panic!("private node {} has no TLS listener", self.name))
+    }
+
+    /// guest/guest on the default vhost over TLS, to `localhost` (a name the
+    /// server certificate must hold; it resolves to 127.0.0.1, so guest may log in).
+    pub fn amqps_url(&self) -> String {
+        format!("amqps://guest:guest@localhost:{}/%2f", self.amqps_port())
     }
 
     /// Stops the RabbitMQ application (the VM stays up): clients lose their
