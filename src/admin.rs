@@ -11,7 +11,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    publisher::{BrokerState, LastError},
+    publisher::{BrokerState, LastError, Publisher},
     telemetry::Metrics,
 };
 
@@ -21,6 +21,8 @@ struct Admin {
     broker: watch::Receiver<BrokerState>,
     /// Why the broker is not connected, shown in `/readyz`.
     last_error: LastError,
+    /// The node the connection goes to, shown in `/readyz` when ready.
+    node: LastError,
     /// What `/readyz` says while the broker is stalled.
     stall_reason: String,
     draining: CancellationToken,
@@ -30,12 +32,14 @@ struct Admin {
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
-    broker: watch::Receiver<BrokerState>,
-    last_error: LastError,
-    stall_reason: String,
+    publisher: Publisher,
     draining: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let broker = publisher.watch_state();
+    let last_error = publisher.last_error();
+    let node = publisher.node();
+    let stall_reason = publisher.stall_reason();
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -44,6 +48,7 @@ pub async fn serve(
             metrics,
             broker,
             last_error,
+            node,
             stall_reason,
             draining,
         });
@@ -77,5 +82,8 @@ async fn ready(State(admin): State<Admin>) -> (StatusCode, String) {
             format!("{}\n", admin.stall_reason),
         );
     }
-    (StatusCode::OK, "ready\n".to_owned())
+    match admin.node.get() {
+        Some(node) => (StatusCode::OK, format!("ready: connected to RabbitMQ node={node}\n")),
+        None => (StatusCode::OK, "ready\n".to_owned()),
+    }
 }

@@ -31,6 +31,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9464";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Default for `--exchange` / `INGEST_EXCHANGE`.
 pub const DEFAULT_EXCHANGE: &str = "events";
+/// Default for `--retry-unconfirmed` / `INGEST_RETRY_UNCONFIRMED`.
+pub const DEFAULT_RETRY_UNCONFIRMED: &str = "true";
 /// Default for `--declare-exchange` / `INGEST_DECLARE_EXCHANGE`.
 pub const DEFAULT_DECLARE_EXCHANGE: &str = "true";
 /// Default for `--accept-unroutable` / `INGEST_ACCEPT_UNROUTABLE`.
@@ -359,6 +361,20 @@ pub struct Args {
     )]
     pub log_format: String,
 
+    /// After a lost connection or channel, publish the events sent and not yet
+    /// confirmed again (same message_id, original order within each request) on the
+    /// next connection, while their confirm deadline lasts; callers then get OK.
+    /// `false`: they fail UNAVAILABLE at once.
+    #[arg(
+        long,
+        env = "INGEST_RETRY_UNCONFIRMED",
+        default_value = DEFAULT_RETRY_UNCONFIRMED,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "true|false"
+    )]
+    pub retry_unconfirmed: String,
+
     /// PEM certificate chain for TLS on the gRPC listener; with --tls-key. Unset:
     /// plaintext. Reloaded when the file changes and on SIGHUP.
     #[arg(long, env = "INGEST_TLS_CERT", value_name = "PEM")]
@@ -416,6 +432,7 @@ impl Default for Args {
             http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT.to_owned(),
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE.to_owned(),
             log_format: DEFAULT_LOG_FORMAT.to_owned(),
+            retry_unconfirmed: DEFAULT_RETRY_UNCONFIRMED.to_owned(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -489,6 +506,8 @@ pub struct Config {
     pub max_header_list_size: u32,
     /// Format of the log lines on stderr.
     pub log_format: LogFormat,
+    /// Publish events unconfirmed at a connection loss again on the next connection.
+    pub retry_unconfirmed: bool,
     /// TLS on the gRPC listener; `None` = plaintext.
     pub tls: Option<TlsFiles>,
     /// The tenants file; `None` = no authentication.
@@ -635,6 +654,7 @@ settings! {
     HTTP2_KEEPALIVE_TIMEOUT = "--http2-keepalive-timeout", "INGEST_HTTP2_KEEPALIVE_TIMEOUT";
     MAX_HEADER_LIST_SIZE = "--max-header-list-size", "INGEST_MAX_HEADER_LIST_SIZE";
     LOG_FORMAT = "--log-format", "INGEST_LOG_FORMAT";
+    RETRY_UNCONFIRMED = "--retry-unconfirmed", "INGEST_RETRY_UNCONFIRMED";
     TLS_CERT = "--tls-cert", "INGEST_TLS_CERT";
     TLS_KEY = "--tls-key", "INGEST_TLS_KEY";
     TLS_CLIENT_CA = "--tls-client-ca", "INGEST_TLS_CLIENT_CA";
@@ -808,6 +828,7 @@ impl TryFrom<Args> for Config {
             }
         });
         let log_format = p.parse(LOG_FORMAT, &args.log_format, parse_log_format);
+        let retry_unconfirmed = p.parse(RETRY_UNCONFIRMED, &args.retry_unconfirmed, parse_bool);
 
         // Cross-field checks, only where both sides parsed.
         if let (Some(event), Some(buffer)) = (max_event_bytes, buffer_bytes)
@@ -950,6 +971,7 @@ impl TryFrom<Args> for Config {
             Some(http2_keepalive_timeout),
             Some(max_header_list_size),
             Some(log_format),
+            Some(retry_unconfirmed),
         ) = (
             listen,
             admin_listen,
@@ -978,6 +1000,7 @@ impl TryFrom<Args> for Config {
             http2_keepalive_timeout,
             max_header_list_size,
             log_format,
+            retry_unconfirmed,
         )
         else {
             // Every `None` above came with a recorded problem.
@@ -1016,6 +1039,7 @@ impl TryFrom<Args> for Config {
             http2_keepalive_timeout,
             max_header_list_size,
             log_format,
+            retry_unconfirmed,
             tls,
             auth_file: path(&args.auth_file),
             amqp_ca,
@@ -1176,7 +1200,19 @@ fn parse_socket_addr(raw: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{raw:?}: host {host:?} resolves to no address"))
 }
 
+/// One URL, or several comma-separated (the nodes of a cluster), each checked.
 fn parse_amqp_url(raw: &str) -> Result<String, String> {
+    if !raw.contains(',') {
+        return parse_one_amqp_url(raw);
+    }
+    let urls: Vec<String> = raw
+        .split(',')
+        .map(|u| parse_one_amqp_url(u.trim()))
+        .collect::<Result<_, _>>()?;
+    Ok(urls.join(","))
+}
+
+fn parse_one_amqp_url(raw: &str) -> Result<String, String> {
     // Never echo a password into logs: quote the URL with it masked.
     let shown = redact_password(raw);
     if raw.chars().any(char::is_whitespace) {
@@ -1475,6 +1511,7 @@ mod tests {
             http2_keepalive_timeout: "x".into(),
             max_header_list_size: "x".into(),
             log_format: "x".into(),
+            retry_unconfirmed: "x".into(),
             tls_cert: Some("/nonexistent/cert.pem".into()),
             tls_key: Some("/nonexistent/key.pem".into()),
             tls_client_ca: Some("/nonexistent/ca.pem".into()),

@@ -118,6 +118,7 @@ impl App {
                     .map_err(RunError::Start)?,
                 exchange: config.exchange.clone(),
                 declare_exchange: config.declare_exchange,
+                retry_unconfirmed: config.retry_unconfirmed,
                 accept_unroutable: config.accept_unroutable,
                 channels: config.channels,
                 confirm_timeout: config.confirm_timeout,
@@ -175,9 +176,7 @@ impl App {
         let admin_task = tokio::spawn(admin::serve(
             admin,
             metrics.clone(),
-            publisher.watch_state(),
-            publisher.last_error(),
-            publisher.stall_reason(),
+            publisher.clone(),
             draining.clone(),
             admin_stop.clone().cancelled_owned(),
         ));
@@ -228,6 +227,7 @@ impl App {
             reloadable.push(Arc::clone(authenticator) as Arc<dyn reload::Reloadable>);
             metrics.watch_tenants(Arc::clone(authenticator));
         }
+        metrics.watch_node(publisher.node());
         let reload_stop = CancellationToken::new();
         tokio::spawn(reload::watch(reloadable, reload_stop.clone()));
 

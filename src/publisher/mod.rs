@@ -54,6 +54,9 @@ pub struct PublisherSettings {
     pub exchange: String,
     /// Declare the exchange (durable topic) on every connect; otherwise check it exists.
     pub declare_exchange: bool,
+    /// Events in flight when a channel or connection fails are published again on the
+    /// next connection (same `message_id`) while their confirm deadline lasts.
+    pub retry_unconfirmed: bool,
     /// Answer OK for events no queue received (`mandatory` returns) instead of failing them.
     pub accept_unroutable: bool,
     /// Confirm-mode channels to spread batches over.
@@ -191,6 +194,8 @@ struct Shared {
     last_error: LastError,
     /// Events outstanding and the broker's last answer, for stall detection.
     progress: stall::Progress,
+    /// The node (`host:port`) of the connection in use; `None` while disconnected.
+    node: LastError,
 }
 
 #[derive(Debug)]
@@ -234,6 +239,7 @@ impl Publisher {
             metrics,
             last_error: LastError::default(),
             progress: stall::Progress::new(),
+            node: LastError::default(),
         });
         let watched = Arc::clone(&shared);
         tokio::spawn(async move { stall::watch(&watched).await });
@@ -273,6 +279,12 @@ impl Publisher {
         self.shared.last_error.clone()
     }
 
+    /// The node (`host:port`) the connection in use goes to; `None` while disconnected.
+    /// With several URLs (a cluster) it changes on failover.
+    pub fn node(&self) -> LastError {
+        self.shared.node.clone()
+    }
+
     /// A lane for a caller whose batches must reach the broker in the order it
     /// publishes them, e.g. a stream: they all go to one channel, each after the one
     /// before it.
@@ -309,7 +321,8 @@ impl Publisher {
         if self.shared.stop.is_cancelled() {
             return Err(PublishError::ShuttingDown);
         }
-        let (channel, frame_max) = self.channel(lane.as_ref().map(|l| l.index))?;
+        let lane_index = lane.as_ref().map(|l| l.index);
+        let (channel, frame_max) = self.shared.channel(lane_index)?;
         if frame_max > 0
             && let Some((index, size)) = events
                 .iter()
@@ -342,7 +355,14 @@ impl Publisher {
                 // Sent or gave up: either way this batch goes next.
                 let _ = previous.await;
             }
-            let outcome = publish_batch(&shared, &channel, &events, &headers, deadline, sent).await;
+            let batch = Batch {
+                channel: &channel,
+                lane: lane_index,
+                events: &events,
+                headers: &headers,
+                deadline,
+            };
+            let outcome = publish_batch(&shared, batch, sent).await;
             // Settled: give the room back before answering, so a caller that retries
             // at once finds it free.
             drop(permit);
@@ -364,23 +384,26 @@ impl Publisher {
         self.shared.stop.cancel();
     }
 
+}
+
+impl Shared {
+    /// The channel for `lane` (or the next one round-robin), and the frame size.
     fn channel(&self, lane: Option<usize>) -> Result<(Channel, usize), PublishError> {
         let pool = self
-            .shared
             .pool
             .read()
             .map_err(|_| PublishError::Disconnected)?
             .clone()
             .ok_or(PublishError::Disconnected)?;
         let n = pool.channels.len();
-        let start = lane.unwrap_or_else(|| self.shared.next.fetch_add(1, Ordering::Relaxed));
+        let start = lane.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
         // Prefer the chosen channel; skip over one the broker closed until it is replaced.
         for i in 0..n {
             let channel = &pool.channels[(start + i) % n];
             if channel.status().connected() {
                 return Ok((channel.clone(), pool.frame_max));
             }
-            self.shared.repair.notify_one();
+            self.repair.notify_one();
         }
         Err(PublishError::Disconnected)
     }
@@ -412,37 +435,40 @@ fn producer_span(exchange: &str, events: &[ValidEvent]) -> tracing::Span {
     span
 }
 
-async fn publish_batch(
-    shared: &Shared,
-    channel: &Channel,
-    events: &[ValidEvent],
-    headers: &[(&'static str, String)],
+/// How many times lost events are published again, at most, before they fail.
+const REPUBLISH_ROUNDS: usize = 3;
+
+/// One batch on its way: where it goes and until when.
+struct Batch<'a> {
+    channel: &'a Channel,
+    /// The lane's channel index, to publish again on the same lane after a reconnect.
+    lane: Option<usize>,
+    events: &'a [ValidEvent],
+    headers: &'a [(&'static str, String)],
     deadline: Instant,
+}
+
+/// Publishes `events` (their indexes in the batch) on `channel`, pipelined, in order,
+/// and returns each one's result once settled.
+async fn publish_some(
+    shared: &Shared,
+    batch: &Batch<'_>,
+    channel: &Channel,
+    which: &[usize],
     sent: Option<oneshot::Sender<()>>,
-) -> BatchOutcome {
-    if shared.state.borrow().blocked && !wait_unblocked(shared, deadline).await {
-        return BatchOutcome {
-            events: events.len(),
-            confirmed: 0,
-            failure: Some(BatchFailure {
-                index: 0,
-                error: PublishError::Blocked,
-                failed: events.len(),
-            }),
-        };
-    }
+) -> Vec<Result<(), PublishError>> {
     // `join_all` polls every publish once, in order, before awaiting any confirm:
     // the whole batch is pipelined on the channel, in order.
-    shared.progress.sent(events.len());
-    let mut publishes = pin!(futures::future::join_all(events.iter().map(
-        |event| async {
+    shared.progress.sent(which.len());
+    let mut publishes = pin!(futures::future::join_all(which.iter().map(
+        |&i| async move {
             let started = Instant::now();
             let result = amqp::publish_one(
                 channel,
                 &shared.exchange,
-                event,
-                headers,
-                deadline,
+                &batch.events[i],
+                batch.headers,
+                batch.deadline,
                 shared.settings.accept_unroutable,
             )
             .await;
@@ -457,14 +483,103 @@ async fn publish_batch(
             result
         }
     )));
-    let results = match futures::poll!(publishes.as_mut()) {
+    match futures::poll!(publishes.as_mut()) {
         Poll::Ready(results) => results,
         Poll::Pending => {
             // Every frame of the batch is queued: the lane's next batch may go.
             drop(sent);
             publishes.await
         }
-    };
+    }
+}
+
+/// `--retry-unconfirmed`: the events whose channel or connection failed while they
+/// were in flight (outcome unknown) are published again, in their order, on a channel
+/// of the next connection, with the same `message_id`, until they settle or their
+/// confirm deadline passes. Counted in `ingest_events_republished_total`.
+///
+/// Order: within the batch it is kept; across batches of one stream it is not
+/// guaranteed (each batch waits for the new connection on its own).
+async fn republish_lost(
+    shared: &Shared,
+    batch: &Batch<'_>,
+    results: &mut [Result<(), PublishError>],
+) {
+    // A channel the broker closes for a reason of the message's own (say the exchange
+    // was deleted) would fail every attempt: a few rounds, not a spin until the deadline.
+    for _ in 0..REPUBLISH_ROUNDS {
+        let lost: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Err(PublishError::Channel(_))))
+            .map(|(i, _)| i)
+            .collect();
+        if lost.is_empty() || shared.stop.is_cancelled() {
+            return;
+        }
+        let Some(channel) = next_channel(shared, batch.lane, batch.deadline).await else {
+            return;
+        };
+        shared.metrics.republished(lost.len());
+        tracing::debug!(events = lost.len(), "publishing unconfirmed events again after a lost channel");
+        let again = publish_some(shared, batch, &channel, &lost, None).await;
+        for (i, result) in lost.into_iter().zip(again) {
+            results[i] = result;
+        }
+    }
+}
+
+/// A live channel for `lane` once the broker is connected again, or `None` when the
+/// deadline passes (or the service stops) first.
+async fn next_channel(shared: &Shared, lane: Option<usize>, deadline: Instant) -> Option<Channel> {
+    let mut state = shared.state.subscribe();
+    loop {
+        if shared.stop.is_cancelled() {
+            return None;
+        }
+        if state.borrow_and_update().connected
+            && let Ok((channel, _)) = shared.channel(lane)
+        {
+            return Some(channel);
+        }
+        match tokio::time::timeout_at(deadline, state.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+    }
+}
+
+async fn publish_batch(
+    shared: &Shared,
+    batch: Batch<'_>,
+    sent: Option<oneshot::Sender<()>>,
+) -> BatchOutcome {
+    let Batch {
+        channel,
+        events,
+        deadline,
+        ..
+    } = batch;
+    if shared.state.borrow().blocked && !wait_unblocked(shared, deadline).await {
+        return BatchOutcome {
+            events: events.len(),
+            confirmed: 0,
+            failure: Some(BatchFailure {
+                index: 0,
+                error: PublishError::Blocked,
+                failed: events.len(),
+            }),
+        };
+    }
+    let all: Vec<usize> = (0..events.len()).collect();
+    let mut results = publish_some(shared, &batch, channel, &all, sent).await;
+    if shared.settings.retry_unconfirmed {
+        if results.iter().any(|r| matches!(r, Err(PublishError::Channel(_)))) {
+            // The dead channel goes before the new connection is waited for.
+            shared.repair.notify_one();
+        }
+        republish_lost(shared, &batch, &mut results).await;
+    }
     let mut outcome = BatchOutcome {
         events: events.len(),
         confirmed: 0,

@@ -53,16 +53,16 @@ pub(super) async fn run(shared: Arc<Shared>) {
         let connected = tokio::select! {
             biased;
             () = shared.stop.cancelled() => return,
-            result = timeout(CONNECT_TIMEOUT, connect(&shared)) => {
-                result.unwrap_or_else(|_| Err(Failure::from("connect timed out".to_owned())))
-            }
+            result = connect_any(&shared) => result,
         };
         match connected {
-            Ok(connection) => {
+            Ok((connection, node)) => {
                 attempt = 0;
                 shared.last_error.set(None);
-                tracing::info!(exchange = %shared.settings.exchange, channels = shared.settings.channels, "connected to RabbitMQ");
+                shared.node.set(Some(&node));
+                tracing::info!(%node, exchange = %shared.settings.exchange, channels = shared.settings.channels, "connected to RabbitMQ");
                 let reason = watch(&shared, &connection).await;
+                shared.node.set(None);
                 if !shared.stop.is_cancelled() {
                     // Before the state turns: whoever sees "disconnected" sees why.
                     shared
@@ -89,7 +89,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
                     tracing::info!("RabbitMQ connection closed");
                     return;
                 }
-                tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
+                tracing::warn!(%node, %reason, "lost the RabbitMQ connection; reconnecting");
             }
             // Each new reason is logged once; the same one again on every retry only at
             // debug (a wrong password would otherwise fill the log), while `/readyz`
@@ -117,11 +117,61 @@ pub(super) async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// Tries every URL of `--amqp-url` once, in shuffled order (so replicas spread over
+/// a cluster's nodes, and a dead node is not always tried first), each within
+/// [`CONNECT_TIMEOUT`]; the first that connects wins, with its `host:port`. If none
+/// does, the failure names each node's reason (a refusal anywhere is kept as one).
+async fn connect_any(shared: &Shared) -> Result<(Connection, String), Failure> {
+    let mut urls: Vec<&str> = shared
+        .settings
+        .amqp_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    fastrand::shuffle(&mut urls);
+    let several = urls.len() > 1;
+    let mut failures: Vec<Failure> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let node = node_of(url);
+        let result = timeout(CONNECT_TIMEOUT, connect(shared, url))
+            .await
+            .unwrap_or_else(|_| Err(Failure::from("connect timed out".to_owned())));
+        match result {
+            Ok(connection) => return Ok((connection, node)),
+            Err(failure) if several => failures.push(Failure {
+                reason: format!("{node}: {}", failure.reason),
+                refused: failure.refused,
+            }),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    let refused = failures.iter().any(|f| f.refused);
+    let reasons: Vec<String> = failures.into_iter().map(|f| f.reason).collect();
+    Err(Failure {
+        reason: if several {
+            format!("no node answered ({})", reasons.join("; "))
+        } else {
+            reasons.concat()
+        },
+        refused,
+    })
+}
+
+/// `host:port` of an AMQP URL, for logs, `/readyz` and the node metric label (never
+/// the credentials).
+pub(super) fn node_of(url: &str) -> String {
+    match url.parse::<AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "?".to_owned(),
+    }
+}
+
 /// Opens the connection, the topology and the channels, and installs the pool. A
 /// connection whose setup fails is closed, not left to linger until the broker notices.
-async fn connect(shared: &Shared) -> Result<Connection, Failure> {
+async fn connect(shared: &Shared, url: &str) -> Result<Connection, Failure> {
     let properties = ConnectionProperties::default().with_connection_name("ingest".into());
-    let mut uri: AMQPUri = shared.settings.amqp_url.parse()?;
+    let mut uri: AMQPUri = url.parse()?;
     // Without heartbeats a silently dead broker (a cut cable, a black-holed address) is
     // noticed only when TCP gives up, minutes later; RabbitMQ proposes 60 s.
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);

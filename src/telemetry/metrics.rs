@@ -131,6 +131,8 @@ struct Inner {
     streams_active: UpDownCounter<i64>,
     /// Calls refused for want of a credential that names a tenant.
     unauthenticated: Counter<u64>,
+    /// Events published again after a lost channel (`--retry-unconfirmed`).
+    republished: Counter<u64>,
     /// Events of each tenant, by outcome at the API (`received`, or a refusal reason).
     tenant_events: Counter<u64>,
     /// Label sets built once, so recording allocates nothing.
@@ -201,6 +203,10 @@ impl Metrics {
                 .i64_up_down_counter("ingest_streams_active")
                 .with_description("PublishStream and PublishAcked calls open")
                 .build(),
+            republished: meter
+                .u64_counter("ingest_events_republished")
+                .with_description("Events published again on a new connection after theirs was lost unconfirmed")
+                .build(),
             unauthenticated: meter
                 .u64_counter("ingest_calls_unauthenticated")
                 .with_description("Calls refused UNAUTHENTICATED (no credential names a tenant)")
@@ -235,6 +241,7 @@ impl Metrics {
         inner.confirmed.add(0, &[]);
         inner.streams_active.add(0, &[]);
         inner.unauthenticated.add(0, &[]);
+        inner.republished.add(0, &[]);
         Ok(Self(Arc::new(inner)))
     }
 
@@ -300,11 +307,34 @@ impl Metrics {
         }
     }
 
+    /// Exports `ingest_broker_node{node="host:port"} 1` for the node the connection in
+    /// use goes to (nothing while disconnected).
+    pub fn watch_node(&self, node: crate::publisher::LastError) {
+        self.0
+            .provider
+            .meter("ingest")
+            .u64_observable_gauge("ingest_broker_node")
+            .with_description("1 for the RabbitMQ node (host:port) the connection in use goes to")
+            .with_callback(move |observer| {
+                if let Some(node) = node.get() {
+                    observer.observe(1, &[KeyValue::new("node", node.to_string())]);
+                }
+            })
+            .build();
+    }
+
     /// Counts events received on `rpc`.
     pub fn received(&self, rpc: Rpc, events: usize) {
         self.0
             .received
             .add(events as u64, &self.0.rpc_labels[rpc as usize]);
+    }
+
+    /// Counts events published again after their connection was lost unconfirmed.
+    pub fn republished(&self, events: usize) {
+        if events > 0 {
+            self.0.republished.add(events as u64, &[]);
+        }
     }
 
     /// Counts events RabbitMQ confirmed.

@@ -9,8 +9,8 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     AMQP_ADDR, FaultProxy, Load, LoadReport, Mode, PROXY_CHUNK, TestQueue, assert_exactly_once,
-    connect_broker, json_event, publish_until_ok, request, run_load, run_load_with, spawn_server,
-    test_config, unique,
+    connect_broker, json_event, publish_until_ok, request, run_load, run_load_with, sample,
+    spawn_server, test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
@@ -183,7 +183,13 @@ async fn connection_cut_twice_under_unary_and_stream_load_loses_nothing_acknowle
     }
     server.wait_health(ServingStatus::Serving, GUARD).await;
     server.wait_admission_idle(GUARD).await;
-    report.assert_invariants(&queue).await;
+    // What was in flight at a cut is published again (--retry-unconfirmed, on by
+    // default): only those may be in the broker twice.
+    let metrics = crate::support::http_get(server.admin_addr, "/metrics")
+        .await
+        .1;
+    let republished = sample(&metrics, "ingest_events_republished_total", &[]) as usize;
+    report.assert_invariants_with(&queue, republished).await;
     // It recovered by itself.
     let mut client = client;
     let ok = client
@@ -574,4 +580,69 @@ fn assert_pushback(status: &tonic::Status) {
         .parse()
         .unwrap();
     assert_eq!(pushback, delay.as_millis(), "{status:?}");
+}
+
+/// Cuts the AMQP connection three times under unary load (20 ms of proxy latency) with `retry_unconfirmed`;
+/// returns the load's report and how many events were published again.
+async fn cuts_under_load(retry_unconfirmed: bool) -> (LoadReport, usize) {
+    let queue = TestQueue::new("#").await;
+    let proxy = FaultProxy::start(AMQP_ADDR.parse().unwrap()).await;
+    let mut config = test_config(&proxy.amqp_url(), &queue.exchange);
+    config.reconnect_max_backoff = Duration::from_millis(200);
+    config.retry_unconfirmed = retry_unconfirmed;
+    let server = spawn_server(config).await;
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    // 20 ms each way: every call is in flight for 40 ms or more, so the cuts find
+    // events sent and not yet confirmed whatever the callers' rhythm.
+    proxy.set_latency(Duration::from_millis(20));
+    let client = server.client().await;
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { run_load(&client, Duration::from_secs(4), 16, 0, 20).await }
+    });
+    // Irregular, so the cuts do not fall in step with the callers' backoff.
+    for pause in [700, 1300, 900] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        proxy.cut();
+    }
+    let report = load.await.unwrap();
+    server.wait_health(ServingStatus::Serving, GUARD).await;
+    server.wait_admission_idle(GUARD).await;
+    let metrics = crate::support::http_get(server.admin_addr, "/metrics")
+        .await
+        .1;
+    let republished = sample(&metrics, "ingest_events_republished_total", &[]) as usize;
+    report.assert_invariants_with(&queue, republished).await;
+    server.stop().await.unwrap();
+    queue.cleanup().await;
+    (report, republished)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_unconfirmed_at_a_lost_connection_are_published_again_and_confirmed() {
+    let (off, republished_off) = cuts_under_load(false).await;
+    let (on, republished_on) = cuts_under_load(true).await;
+    let unavailable = |r: &LoadReport| r.errored.get("Unavailable").copied().unwrap_or(0);
+    println!(
+        "3 cuts under unary load: retry-unconfirmed off: {} acked, {} UNAVAILABLE, {republished_off} republished; \
+         on: {} acked, {} UNAVAILABLE, {republished_on} republished",
+        off.acked.len(),
+        unavailable(&off),
+        on.acked.len(),
+        unavailable(&on),
+    );
+    assert_eq!(
+        republished_off, 0,
+        "nothing is published again when it is off"
+    );
+    assert!(
+        republished_on > 0,
+        "the cuts hit events in flight, which were published again"
+    );
+    // In flight at a cut: UNAVAILABLE when off; published again, and confirmed, when on.
+    // (Calls that arrive while the connection is down are refused either way.)
+    assert!(
+        unavailable(&on) < unavailable(&off),
+        "retrying the unconfirmed window did not spare callers any UNAVAILABLE"
+    );
 }

@@ -19,24 +19,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     AMQP_ADDR, AMQP_URL, ChildServer, FaultProxy, Mode, TestQueue, http_get, json_event, request,
-    spawn_server, test_config, unique,
+    sample, spawn_server, test_config, unique,
 };
 
 const GUARD: Duration = Duration::from_secs(30);
-/// The value of the series `name{labels...}` (labels given as `k="v"` substrings).
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let (series, _) = l.rsplit_once(' ').unwrap();
-            (series == name || series.starts_with(&format!("{name}{{")))
-                && labels.iter().all(|lab| series.contains(lab))
-        })
-        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
-        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{metrics}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_probes_follow_publishes_rejections_and_a_stall() {
     let queue = TestQueue::new("orders.*").await;

@@ -18,8 +18,8 @@ pub use load::{Load, LoadReport, run_load, run_load_with};
 pub use private_node::{NodeTls, PrivateNode};
 pub use proxy::{CHUNK as PROXY_CHUNK, FaultProxy, Mode};
 pub use server::{
-    TestServer, http_get, json_event, publish_until_ok, request, spawn_ready_server, spawn_server,
-    test_config,
+    TestServer, http_get, json_event, publish_until_ok, request, sample, spawn_ready_server,
+    spawn_server, test_config,
 };
 
 /// Waits until `counter` (what a caller handed over) stops growing for `quiet`: the

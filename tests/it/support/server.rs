@@ -254,3 +254,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The value of the series `name{labels...}` (labels given as `k="v"` substrings).
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap();
+            (series == name || series.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|lab| series.contains(lab))
+        })
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{metrics}"))
+}
