@@ -34,7 +34,7 @@ use crate::{
     progress::Progress,
     proxy::{Mode, Proxy},
     scenarios::{Env, Measured, Stats},
-    server::ChildServer,
+    server::{ChildServer, Dial},
 };
 
 /// The server's byte budget for every flood.
@@ -130,7 +130,7 @@ async fn flood(
         ("INGEST_CONFIRM_TIMEOUT", "60s".to_owned()),
         ("RUST_LOG", "error".to_owned()),
     ];
-    let child = ChildServer::start(bin, &url, exchange, &child_env).await?;
+    let child = ChildServer::start(bin, &url, exchange, &child_env, Dial::default()).await?;
     let idle = child.rss()?;
     if stalled {
         proxy.set_mode(Mode::Stall);
@@ -165,7 +165,7 @@ async fn per_event(env: &Env<'_>, bin: &std::path::Path, exchange: &str) -> anyh
         ("INGEST_CONFIRM_TIMEOUT", "120s".to_owned()),
         ("RUST_LOG", "error".to_owned()),
     ];
-    let child = ChildServer::start(bin, &url, exchange, &child_env).await?;
+    let child = ChildServer::start(bin, &url, exchange, &child_env, Dial::default()).await?;
     let idle = child.rss()?;
     proxy.set_mode(Mode::Stall);
     let taken = Arc::new(AtomicU64::new(0));

@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::security::Mode;
+
 /// Measures ingest's throughput, latency, CPU and memory against a direct-to-RabbitMQ
 /// ceiling, in one run, and checks that every acknowledged event reached a queue.
 #[derive(Parser, Debug, Clone)]
@@ -83,6 +85,15 @@ pub struct Args {
         default_value = "direct,unary-1,unary-100,stream-1,stream-100,acked-1,acked-100,overload"
     )]
     pub scenarios: Vec<Scenario>,
+
+    /// Security modes each gRPC scenario (unary-*, stream-*, acked-*) runs in, one
+    /// after the other (comma-separated): `plain`, `tls` (a CA and a `localhost`
+    /// certificate made for the run), `tls+auth` (TLS, and a bearer token on every
+    /// call checked against a tenants file). Rows other than plain are named e.g.
+    /// `stream-100/tls`, with a note of their events/s against the plain row.
+    /// Only `plain` with --addr.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
+    pub security: Vec<Mode>,
 
     /// RabbitMQ URL, for the direct scenario, the queue checks and the server.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -206,6 +217,14 @@ impl Scenario {
             Scenario::Abuse => "abuse",
         }
     }
+
+    /// Whether it is a gRPC throughput scenario, run once per `--security` mode.
+    pub fn is_grpc(self) -> bool {
+        !matches!(
+            self,
+            Scenario::Direct | Scenario::Overload | Scenario::Abuse
+        )
+    }
 }
 
 impl Args {
@@ -237,6 +256,23 @@ impl Args {
             !self.overload_duration.is_zero(),
             "--overload-duration must be greater than zero"
         );
+        anyhow::ensure!(!self.security.is_empty(), "--security needs a mode");
+        for (i, mode) in self.security.iter().enumerate() {
+            anyhow::ensure!(
+                !self.security[..i].contains(mode),
+                "--security names {} twice",
+                mode.name()
+            );
+        }
+        if let Some(addr) = &self.addr
+            && let Some(mode) = self.security.iter().find(|m| **m != Mode::Plain)
+        {
+            anyhow::bail!(
+                "--security {} needs a server the bench starts (it makes the certificate \
+                 and tenants file for it); with --addr {addr} only plain is measured",
+                mode.name()
+            );
+        }
         Ok(())
     }
 }

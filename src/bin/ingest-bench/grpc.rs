@@ -10,11 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ingest::proto::{Event, PublishRequest, ingest_client::IngestClient};
+use ingest::proto::{Event, PublishRequest};
 use tokio::sync::mpsc;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-use crate::plan::{Plan, Tally};
+use crate::{
+    plan::{Plan, Tally},
+    server::Client,
+};
 
 /// Pause before retrying a call refused with RESOURCE_EXHAUSTED. Shorter than the
 /// server's hint: the bench wants the buffer kept full, not polite spacing.
@@ -29,7 +32,7 @@ const CONFIRMED_COUNT: &str = "ingest-confirmed-count";
 /// A gRPC workload over a set of connections.
 pub struct Grpc {
     /// One client per HTTP/2 connection; callers are spread round-robin.
-    pub clients: Vec<IngestClient<Channel>>,
+    pub clients: Vec<Client>,
     /// The event every request repeats (empty id: the server generates one).
     pub event: Event,
 }
@@ -85,7 +88,7 @@ impl Grpc {
 
 /// What one caller of a workload works with.
 struct Worker {
-    client: IngestClient<Channel>,
+    client: Client,
     /// The event every request repeats.
     event: Event,
     /// Events per call or message.

@@ -3,8 +3,10 @@
 //! In one run it measures `direct` (lapin straight to the broker: the ceiling),
 //! unary and streaming gRPC through a freshly started `ingest` per scenario, and an
 //! overload against a stalled broker; every scenario's queue is checked to hold
-//! exactly the events that were acknowledged. Prints a table on stdout, optionally
-//! writes JSON and an SVG plot, and exits non-zero if any check fails.
+//! exactly the events that were acknowledged. With `--security` each gRPC scenario
+//! also runs over TLS and over TLS with a bearer token, beside plaintext. Prints a
+//! table on stdout, optionally writes JSON and an SVG plot, and exits non-zero if any
+//! check fails.
 //!
 //! It is a separate binary with its own modules so that the service binary carries
 //! none of its dependencies (progress bars, plotting, histograms).
@@ -21,6 +23,7 @@ mod progress;
 mod proxy;
 mod report;
 mod scenarios;
+mod security;
 mod server;
 
 use std::{process::ExitCode, time::Instant};
@@ -33,6 +36,7 @@ use crate::{
     broker::Broker,
     report::{QueueCheck, Row},
     scenarios::Env,
+    security::{Material, Mode},
 };
 
 #[tokio::main]
@@ -62,15 +66,24 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         None
     };
     let broker = Broker::connect(&args.amqp_url).await?;
+    // Removed (its folder with the key and token) when `run` returns, however.
+    let security = if args.scenarios.iter().any(|s| s.is_grpc())
+        && args.security.iter().any(|m| *m != Mode::Plain)
+    {
+        Some(Material::create()?)
+    } else {
+        None
+    };
     let env = Env {
         args,
         broker: &broker,
         ingest_bin: ingest_bin.as_deref(),
         payload: payload(args.payload_bytes),
+        security: security.as_ref(),
     };
 
     let mut ok = true;
-    let mut rows = Vec::with_capacity(args.scenarios.len());
+    let mut rows = Vec::with_capacity(args.scenarios.len() * args.security.len());
     for &scenario in &args.scenarios {
         if matches!(scenario, Scenario::Overload | Scenario::Abuse) && args.addr.is_some() {
             eprintln!(
@@ -79,18 +92,28 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
             );
             continue;
         }
-        match scenarios::run(&env, scenario).await {
-            Ok(measured) => {
-                let row = Row::new(scenario, measured, args.payload_bytes);
-                eprintln!(
-                    "{:>10}: {} events, {:.0} events/s, queue {:?}",
-                    row.scenario, row.events, row.events_per_sec, row.queue_check
-                );
-                rows.push(row);
-            }
-            Err(error) => {
-                eprintln!("ingest-bench: {} failed: {error:#}", scenario.name());
-                ok = false;
+        let modes = if scenario.is_grpc() {
+            &args.security[..]
+        } else {
+            &[Mode::Plain]
+        };
+        for &mode in modes {
+            match scenarios::run(&env, scenario, mode).await {
+                Ok(measured) => {
+                    let row = Row::new(scenario, mode, measured, args.payload_bytes);
+                    eprintln!(
+                        "{:>18}: {} events, {:.0} events/s, queue {:?}",
+                        row.scenario, row.events, row.events_per_sec, row.queue_check
+                    );
+                    rows.push(row);
+                }
+                Err(error) => {
+                    eprintln!(
+                        "ingest-bench: {} failed: {error:#}",
+                        scenarios::row_name(scenario, mode)
+                    );
+                    ok = false;
+                }
             }
         }
     }

@@ -16,8 +16,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ingest::proto::{Event, ingest_client::IngestClient};
-use tonic::{Code, transport::Channel};
+use ingest::proto::Event;
+use tonic::Code;
 
 use crate::{
     args::Args,
@@ -27,7 +27,7 @@ use crate::{
     progress::Progress,
     proxy::{Mode, Proxy},
     scenarios::{Env, Measured, Stats},
-    server::{self, ChildServer},
+    server::{ChildServer, Client, Dial},
 };
 
 /// Extra time, beyond the stall, that admitted calls get to finish after the proxy
@@ -65,8 +65,9 @@ async fn stalled(
     let bin = env
         .ingest_bin
         .context("overload needs a server it starts")?;
-    let child = ChildServer::start(bin, &url, &topology.exchange, &child_env).await?;
-    let clients = server::clients(&child.addr, args.overload_connections).await?;
+    let child =
+        ChildServer::start(bin, &url, &topology.exchange, &child_env, Dial::default()).await?;
+    let clients = child.clients(args.overload_connections).await?;
     let idle_rss = child.rss()?;
 
     proxy.set_mode(Mode::Stall);
@@ -204,7 +205,7 @@ const MAX_OUTSTANDING: usize = 4096;
 /// Latency runs from each call's scheduled time (no coordinated omission). Every call
 /// is spawned only after taking one of `MAX_OUTSTANDING` permits.
 async fn open_loop(
-    clients: Vec<IngestClient<Channel>>,
+    clients: Vec<Client>,
     event: Event,
     batch: u64,
     rate: u64,
@@ -262,7 +263,7 @@ async fn open_loop(
 /// One caller: unary calls back to back until `deadline`. Refusals are timed; an
 /// admitted call waits for the broker like any other and is counted when it lands.
 async fn hammer(
-    mut client: IngestClient<Channel>,
+    mut client: Client,
     event: Event,
     batch: u64,
     deadline: Instant,

@@ -4,7 +4,11 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::{args::Scenario, scenarios::Measured};
+use crate::{
+    args::Scenario,
+    scenarios::{self, Measured},
+    security::Mode,
+};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -22,7 +26,13 @@ pub enum QueueCheck {
 /// One scenario's line of the report.
 #[derive(Serialize, Debug, Clone)]
 pub struct Row {
+    /// The scenario, with `/tls` or `/tls+auth` for those security modes.
     pub scenario: String,
+    /// The scenario without the mode.
+    #[serde(skip)]
+    pub kind: Scenario,
+    /// `plain`, `tls` or `tls+auth` for the gRPC scenarios; none for the others.
+    pub security: Option<&'static str>,
     /// Workload shape, e.g. "64 callers x 1 on 1 conn".
     pub setup: String,
     /// Events acknowledged in the measured phase.
@@ -34,6 +44,9 @@ pub struct Row {
     pub mib_per_sec: f64,
     /// Throughput relative to the direct scenario of the same run (not for overload).
     pub ratio_to_direct: Option<f64>,
+    /// Throughput relative to the same scenario's plain row of the same run (rows
+    /// in tls and tls+auth).
+    pub ratio_to_plain: Option<f64>,
     /// What the latency percentiles time: "publish" (to its confirm), "call", "ack"
     /// (a PublishAcked request, handed to the stream until its ack), "refusal" or
     /// "n/a".
@@ -62,8 +75,8 @@ pub struct Row {
 }
 
 impl Row {
-    /// Turns a measurement into a row.
-    pub fn new(scenario: Scenario, measured: Measured, payload_bytes: usize) -> Self {
+    /// Turns a measurement of `scenario` in `mode` into a row.
+    pub fn new(scenario: Scenario, mode: Mode, measured: Measured, payload_bytes: usize) -> Self {
         let Measured {
             setup,
             tally,
@@ -116,13 +129,16 @@ impl Row {
             _ => "call",
         };
         Self {
-            scenario: scenario.name().to_owned(),
+            scenario: scenarios::row_name(scenario, mode),
+            kind: scenario,
+            security: scenario.is_grpc().then(|| mode.name()),
             setup,
             events,
             seconds,
             events_per_sec: events as f64 / seconds,
             mib_per_sec: events as f64 * payload_bytes as f64 / seconds / MIB,
             ratio_to_direct: None,
+            ratio_to_plain: None,
             latency_of,
             p50_ms: ms(0.5),
             p99_ms: ms(0.99),
@@ -145,8 +161,30 @@ impl Row {
 }
 
 /// Fills in each row's throughput relative to the direct row, if there is one, and
-/// notes each acked row's ack p99 beside direct's confirm p99.
+/// notes each acked row's ack p99 beside direct's confirm p99; notes each tls and
+/// tls+auth row's throughput relative to its scenario's plain row.
 pub fn fill_ratios(rows: &mut [Row]) {
+    let plain = Some(Mode::Plain.name());
+    let plain_rates: Vec<(Scenario, f64)> = rows
+        .iter()
+        .filter(|r| r.security == plain && r.events_per_sec > 0.0)
+        .map(|r| (r.kind, r.events_per_sec))
+        .collect();
+    for row in rows
+        .iter_mut()
+        .filter(|r| r.security.is_some_and(|s| s != Mode::Plain.name()))
+    {
+        let Some(&(kind, rate)) = plain_rates.iter().find(|(kind, _)| *kind == row.kind) else {
+            continue;
+        };
+        let ratio = row.events_per_sec / rate;
+        row.ratio_to_plain = Some(ratio);
+        row.notes.push(format!(
+            "events/s {ratio:.3}x of {} (plain) in this run ({:+.1} %)",
+            kind.name(),
+            (ratio - 1.0) * 100.0
+        ));
+    }
     let Some((rate, confirm_p99)) = rows
         .iter()
         .find(|r| r.scenario == Scenario::Direct.name())

@@ -20,7 +20,8 @@ use crate::{
     overload,
     plan::{Plan, Tally},
     progress::Progress,
-    server::{self, ChildServer},
+    security::{Material, Mode, Setup},
+    server::{self, ChildServer, Dial},
 };
 
 /// Events per call or message of the `-100` scenarios.
@@ -39,6 +40,9 @@ pub struct Env<'a> {
     pub ingest_bin: Option<&'a Path>,
     /// The payload every event carries.
     pub payload: Bytes,
+    /// The certificates and token of the non-plain `--security` modes; `None` when
+    /// only plain was asked for.
+    pub security: Option<&'a Material>,
 }
 
 /// Server-side cost of the measured phase.
@@ -107,6 +111,15 @@ impl Env<'_> {
         }
     }
 
+    /// What `mode` adds to a started server and its clients.
+    fn security_setup(&self, mode: Mode) -> anyhow::Result<Setup> {
+        match self.security {
+            Some(material) => material.setup(mode),
+            None if mode == Mode::Plain => Ok(Setup::default()),
+            None => anyhow::bail!("no certificates were made for {}", mode.name()),
+        }
+    }
+
     /// Settings forwarded to every started server. ingest refuses to start with a
     /// buffer smaller than its largest batch or event, so a small buffer brings
     /// those limits down with it.
@@ -132,18 +145,30 @@ impl Env<'_> {
     }
 }
 
-/// Runs `scenario` with a progress bar on stderr.
-pub async fn run(env: &Env<'_>, scenario: Scenario) -> anyhow::Result<Measured> {
-    let progress = Progress::start(scenario.name());
+/// A scenario's name in the report: `stream-100` in plain, `stream-100/tls` etc.
+/// otherwise.
+pub fn row_name(scenario: Scenario, mode: Mode) -> String {
+    match mode {
+        Mode::Plain => scenario.name().to_owned(),
+        _ => format!("{}/{}", scenario.name(), mode.name()),
+    }
+}
+
+/// Runs `scenario` in `mode` (plain for all but the gRPC scenarios) with a progress
+/// bar on stderr.
+pub async fn run(env: &Env<'_>, scenario: Scenario, mode: Mode) -> anyhow::Result<Measured> {
+    let name = row_name(scenario, mode);
+    let progress = Progress::start(&name);
     if scenario == Scenario::Overload {
         return overload::run(env, &progress).await;
     }
     if scenario == Scenario::Abuse {
         return abuse::run(env, &progress).await;
     }
-    let topology = env.topology(scenario.name(), false);
+    // Queue and exchange names keep to letters, digits and dashes.
+    let topology = env.topology(&name.replace(['/', '+'], "-"), false);
     env.broker.declare(&topology, env.queue_expiry()).await?;
-    let measured = steady(env, scenario, &topology, &progress).await;
+    let measured = steady(env, scenario, mode, &topology, &progress).await;
     // The queue goes whatever happened: a full one left behind slows the next
     // scenario down.
     let removed = env.broker.remove(&topology).await;
@@ -204,6 +229,7 @@ impl Workload {
 async fn steady(
     env: &Env<'_>,
     scenario: Scenario,
+    mode: Mode,
     topology: &Topology,
     progress: &Progress,
 ) -> anyhow::Result<Measured> {
@@ -221,21 +247,28 @@ async fn steady(
         })
     } else {
         progress.status("starting server");
-        let addr = match (env.ingest_bin, &args.addr) {
+        let clients = match (env.ingest_bin, &args.addr) {
             (Some(bin), _) => {
+                let Setup {
+                    mut server_env,
+                    dial,
+                } = env.security_setup(mode)?;
+                server_env.extend(env.server_env());
                 let started =
-                    ChildServer::start(bin, &args.amqp_url, &topology.exchange, &env.server_env())
+                    ChildServer::start(bin, &args.amqp_url, &topology.exchange, &server_env, dial)
                         .await?;
-                child.insert(started).addr.clone()
+                child.insert(started).clients(args.connections).await?
             }
             (None, Some(addr)) => {
+                // Args::validate allows only plain with --addr.
+                anyhow::ensure!(mode == Mode::Plain, "--addr is measured in plain only");
                 server::wait_remote(addr).await?;
-                addr.clone()
+                Dial::default().clients(addr, args.connections).await?
             }
             (None, None) => anyhow::bail!("no server: neither an ingest binary nor --addr"),
         };
         let grpc = Grpc {
-            clients: server::clients(&addr, args.connections).await?,
+            clients,
             event: env.event(&topic),
         };
         let (rpc, callers, batch) = match scenario {

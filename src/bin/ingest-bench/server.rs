@@ -13,7 +13,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ingest::proto::ingest_client::IngestClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -25,23 +30,117 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of the server's stderr kept to explain a failure.
 const LOG_LINES: usize = 40;
 
+/// Every gRPC client of the bench: one HTTP/2 connection, plaintext or TLS, with
+/// `authorization: Bearer <token>` on every call when the mode has a token.
+pub type Client = IngestClient<InterceptedService<Channel, Bearer>>;
+
+/// The interceptor of every [`Client`]: adds the bearer token, if any, to each call.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sends `value` (`Bearer <token>`) as `authorization` on every call.
+    pub fn new(value: MetadataValue<Ascii>) -> Self {
+        Self(Some(value))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How the bench reaches a server: plaintext (the default) or TLS, with or without
+/// a bearer token.
+#[derive(Clone, Default)]
+pub struct Dial {
+    tls: Option<ClientTlsConfig>,
+    pub bearer: Bearer,
+}
+
+impl Dial {
+    /// Over TLS with `config`, no token.
+    pub fn tls(config: ClientTlsConfig) -> Self {
+        Self {
+            tls: Some(config),
+            bearer: Bearer::default(),
+        }
+    }
+
+    fn endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Whether the server at `addr` answers its health check with SERVING (no
+    /// token: health needs no credential).
+    async fn serving(&self, addr: &str) -> bool {
+        let Ok(channel) = self.endpoint(addr).map(|e| e.connect_lazy()) else {
+            return false;
+        };
+        let mut health = HealthClient::new(channel);
+        let check = health.check(HealthCheckRequest::default());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), check).await,
+            Ok(Ok(response)) if response.get_ref().status() == ServingStatus::Serving
+        )
+    }
+
+    /// `count` clients, each on its own HTTP/2 connection to `addr`, connected (and
+    /// TLS handshakes done) before they are returned, so no measured phase pays
+    /// for them.
+    pub async fn clients(&self, addr: &str, count: usize) -> anyhow::Result<Vec<Client>> {
+        let mut clients = Vec::with_capacity(count);
+        for _ in 0..count {
+            let channel = self
+                .endpoint(addr)?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to ingest at {addr}"))?;
+            // The server's limit applies anyway; no client-side limit on top.
+            clients.push(
+                IngestClient::with_interceptor(channel, self.bearer.clone())
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            );
+        }
+        Ok(clients)
+    }
+}
+
 /// A running `ingest` child; killed on drop if still running.
 pub struct ChildServer {
     child: Child,
     /// `127.0.0.1:<port>` it serves gRPC on.
     pub addr: String,
+    /// How its clients (and its health check) reach it.
+    dial: Dial,
     /// The last lines it wrote to stderr.
     log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl ChildServer {
     /// Starts `bin` on a free port, publishing to `exchange` at `amqp_url`, with
-    /// `env` on top, and waits until its health check reports SERVING.
+    /// `env` on top, and waits until its health check, dialled as `dial` says (the
+    /// TLS files must be in `env` for a TLS dial), reports SERVING.
     pub async fn start(
         bin: &Path,
         amqp_url: &str,
         exchange: &str,
         env: &[(&str, String)],
+        dial: Dial,
     ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -77,7 +176,12 @@ impl ChildServer {
                 }
             });
         }
-        let mut server = Self { child, addr, log };
+        let mut server = Self {
+            child,
+            addr,
+            dial,
+            log,
+        };
         server.wait_serving().await?;
         Ok(server)
     }
@@ -91,7 +195,7 @@ impl ChildServer {
                     self.log_tail()
                 );
             }
-            if serving(&self.addr).await {
+            if self.dial.serving(&self.addr).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -104,6 +208,11 @@ impl ChildServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `count` clients, each on its own connection to this server.
+    pub async fn clients(&self, count: usize) -> anyhow::Result<Vec<Client>> {
+        self.dial.clients(&self.addr, count).await
     }
 
     /// The server's last lines of stderr.
@@ -183,53 +292,16 @@ impl Drop for ChildServer {
     }
 }
 
-/// Whether the server at `addr` answers its health check with SERVING.
-async fn serving(addr: &str) -> bool {
-    let Ok(channel) = endpoint(addr).map(|e| e.connect_lazy()) else {
-        return false;
-    };
-    let mut health = HealthClient::new(channel);
-    let check = health.check(HealthCheckRequest::default());
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), check).await,
-        Ok(Ok(response)) if response.get_ref().status() == ServingStatus::Serving
-    )
-}
-
 /// Waits until the server at `addr` (not started by the bench) reports SERVING.
 pub async fn wait_remote(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    while !serving(addr).await {
+    while !Dial::default().serving(addr).await {
         if Instant::now() >= deadline {
             bail!("the server at {addr} did not report SERVING within {READY_TIMEOUT:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
-}
-
-fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5)))
-}
-
-/// `count` clients, each on its own HTTP/2 connection to `addr`.
-pub async fn clients(addr: &str, count: usize) -> anyhow::Result<Vec<IngestClient<Channel>>> {
-    let mut clients = Vec::with_capacity(count);
-    for _ in 0..count {
-        let channel = endpoint(addr)?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to ingest at {addr}"))?;
-        // The server's limit applies anyway; no client-side limit on top.
-        clients.push(
-            IngestClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-        );
-    }
-    Ok(clients)
 }
 
 /// The `ingest` binary: `--ingest-bin`, else the one next to this executable.
