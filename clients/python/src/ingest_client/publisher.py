@@ -221,6 +221,11 @@ class Publisher:
             ("grpc.keepalive_timeout_ms", 10_000),
             *channel_options,
         ]
+        if "," in target and not any(k == "grpc.default_authority" for k, _ in options):
+            # An address list (`ipv4:10.0.0.1:50051,10.0.0.2:50051`, for round_robin)
+            # would otherwise be sent whole as the `:authority`, which is no valid
+            # authority: ingest's HTTP/2 server resets such streams (PROTOCOL_ERROR).
+            options.append(("grpc.default_authority", "ingest"))
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
