@@ -3,6 +3,7 @@ mod acked;
 mod amqps;
 mod bench_smoke;
 mod broker_node;
+mod cluster;
 mod examples;
 mod faults;
 mod first_run;

@@ -4,6 +4,7 @@
 
 mod broker;
 mod child;
+mod cluster;
 mod load;
 pub mod pki;
 mod private_node;
@@ -14,6 +15,7 @@ pub use broker::{
     AMQP_ADDR, AMQP_URL, TestQueue, UNBOUND_TOPIC, assert_exactly_once, connect_broker, unique,
 };
 pub use child::ChildServer;
+pub use cluster::{Cluster, NODES as CLUSTER_NODES};
 pub use load::{Load, LoadReport, run_load, run_load_with};
 pub use private_node::{NodeTls, PrivateNode};
 pub use proxy::{CHUNK as PROXY_CHUNK, FaultProxy, Mode};

@@ -21,6 +21,10 @@
 //! connection that never publishes. `stop_app` loses non-durable queues and
 //! transient messages.
 //!
+//! [`PrivateNode::kill9`] (SIGKILL by the pid file) or [`PrivateNode::shutdown`]
+//! stop the whole VM, and [`PrivateNode::restart`] boots it again on the same
+//! name, ports and data: what a member of a [`super::Cluster`] needs.
+//!
 //! [`PrivateNode::start_with_tls`] adds a TLS listener (`amqps://`) on a port of
 //! its own, with a certificate the test made; the plain listener stays.
 //!
@@ -133,18 +137,17 @@ impl PrivateNode {
             dir,
             tls_port,
         };
-        let result = node.boot(tls).await;
-        release_ports(port);
-        if let Some(tls_port) = tls_port {
-            release_ports(tls_port);
-        }
-        match result {
+        // The ports stay reserved until the node is dropped: a node killed or shut
+        // down by a test is started again on the same ones (see [`PrivateNode::restart`]).
+        node.prepare(tls);
+        match node.launch().await {
             Ok(()) => Ok(node),
             Err(()) => Err(node),
         }
     }
 
-    async fn boot(&self, tls: Option<&NodeTls>) -> Result<(), ()> {
+    /// Writes the node's folder and config and starts its watchdog; once per node.
+    fn prepare(&self, tls: Option<&NodeTls>) {
         let dir = &self.dir;
         std::fs::create_dir_all(dir.join("mnesia")).expect("create node mnesia dir");
         std::fs::create_dir_all(dir.join("log")).expect("create node log dir");
@@ -159,7 +162,14 @@ impl PrivateNode {
         // Also the TLS files: the node reads them as `rabbitmq`.
         chown_to_rabbitmq(dir);
         self.spawn_watchdog();
+    }
 
+    /// Runs `rabbitmq-server -detached` and waits until the node has fully booted.
+    /// `Err` only when it died because its port was taken; any other failure panics
+    /// with the node's log tail.
+    async fn launch(&self) -> Result<(), ()> {
+        // A pid file left by a killed VM would read as "died while starting".
+        let _ = std::fs::remove_file(self.pid_file());
         let started = Instant::now();
         let output = run_bounded(
             Command::new(tool("rabbitmq-server"))
@@ -307,7 +317,7 @@ impl PrivateNode {
 
     /// OS pid of the node's Erlang VM, from its pid file.
     pub fn os_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("pid"))
+        std::fs::read_to_string(self.pid_file())
             .ok()?
             .trim()
             .parse()
@@ -337,6 +347,52 @@ impl PrivateNode {
     /// server certificate must hold; it resolves to 127.0.0.1, so guest may log in).
     pub fn amqps_url(&self) -> String {
         format!("amqps://guest:guest@localhost:{}/%2f", self.amqps_port())
+    }
+
+    /// `RABBITMQ_PID_FILE`: the VM writes its OS pid there.
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+
+    /// Whether the node's VM is alive (by the pid in its pid file).
+    pub fn is_running(&self) -> bool {
+        self.os_pid().is_some_and(Self::pid_alive)
+    }
+
+    /// Kills the node's VM with SIGKILL, by the pid in its pid file (no goodbye to
+    /// clients or to the other nodes of a cluster), and waits until it is gone.
+    pub fn kill9(&self) {
+        let pid = self
+            .os_pid()
+            .unwrap_or_else(|| panic!("private node {} has no pid file", self.name));
+        assert!(
+            kill_vm(pid),
+            "private node {} (pid {pid}) still alive after SIGKILL",
+            self.name
+        );
+    }
+
+    /// Stops the node's VM in order (`rabbitmqctl shutdown`, which waits until the VM
+    /// has exited). [`PrivateNode::restart`] starts it again.
+    pub async fn shutdown(&self) {
+        self.rabbitmqctl(&["shutdown"]).await;
+    }
+
+    /// Starts the VM of a node that was killed or shut down again, with the same name,
+    /// ports and data (so a cluster member rejoins its cluster), and waits until it
+    /// has fully booted. Panics if its port was taken meanwhile.
+    pub async fn restart(&self) {
+        assert!(
+            !self.is_running(),
+            "private node {} is still running",
+            self.name
+        );
+        if self.launch().await.is_err() {
+            panic!(
+                "private node {} could not start again: its port {} was taken",
+                self.name, self.port
+            );
+        }
     }
 
     /// Stops the RabbitMQ application (the VM stays up): clients lose their
@@ -479,13 +535,11 @@ impl Drop for PrivateNode {
         // the pid it wrote itself.
         if let Some(pid) = pid.filter(|&pid| Self::pid_alive(pid)) {
             eprintln!("private node {} still alive; killing pid {pid}", self.name);
-            let _ = StdCommand::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while Self::pid_alive(pid) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            kill_vm(pid);
+        }
+        release_ports(self.port);
+        if let Some(tls_port) = self.tls_port {
+            release_ports(tls_port);
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -493,6 +547,18 @@ impl Drop for PrivateNode {
             eprintln!("removing {}: {e}", self.dir.display());
         }
     }
+}
+
+/// Sends SIGKILL to `pid` and waits up to 10 s for it to be gone; whether it is.
+fn kill_vm(pid: u32) -> bool {
+    let _ = StdCommand::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while PrivateNode::pid_alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    !PrivateNode::pid_alive(pid)
 }
 
 /// Prefers the `/usr/sbin` wrapper (see the module docs on the cookie).
