@@ -600,6 +600,11 @@ async fn publish_batch(
                 match error {
                     PublishError::Channel(_) => shared.repair.notify_one(),
                     PublishError::ConfirmTimeout => shared.retire(channel),
+                    // After a quorum queue's leader died with the node, a channel
+                    // opened in the failover was seen to nack every publish for as
+                    // long as it lived, while newer channels were acked: a channel
+                    // that nacks is replaced (the nack itself still fails the event).
+                    PublishError::Nacked => shared.retire(channel),
                     _ => {}
                 }
                 outcome.failure = Some(BatchFailure {
