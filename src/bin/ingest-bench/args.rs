@@ -56,12 +56,14 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub acked_window: usize,
 
-    /// The same for acked-100. Its throughput does not grow past a few requests per
-    /// stream, only its ack latency, by the time the extra events wait in ingest's
-    /// buffer. Measured on 2 cores (busy, about ±10 % run to run): 2 requests
-    /// 0.92-0.96x of direct at ack p99 250 ms, 4 0.86-0.96x at 300-375 ms, 8
-    /// 0.85-0.89x at 440-510 ms, 256 0.89-0.92x at 0.9-1.0 s.
-    #[arg(long, default_value_t = 4)]
+    /// The same for acked-100: 4 streams x 16 x 100 keep 6,400 events in flight, the
+    /// depth of a publisher library with its default bound, and enough to keep the
+    /// broker busy. The ack latency grows with it (the extra events wait in ingest's
+    /// buffer). Measured on 2 cores, quiet machine, 15 s runs (the broker's own pace
+    /// swings ±15 % run to run): 4 requests 0.87-0.94x of direct (stream-100 0.87-1.03x
+    /// in the same runs) at ack p99 250-340 ms; 16 requests 1.04x and 1.34x (stream-100
+    /// 0.98x) at ack p99 700-740 ms.
+    #[arg(long, default_value_t = 16)]
     pub acked_batch_window: usize,
 
     /// HTTP/2 connections the gRPC callers are spread over.
