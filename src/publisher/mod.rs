@@ -322,20 +322,18 @@ impl Publisher {
             return Err(PublishError::ShuttingDown);
         }
         let lane_index = lane.as_ref().map(|l| l.index);
-        let (channel, frame_max) = self.shared.channel(lane_index)?;
-        if frame_max > 0
-            && let Some((index, size)) = events
-                .iter()
-                .map(header_frame_size)
-                .enumerate()
-                .find(|&(_, size)| size > frame_max)
-        {
-            return Err(PublishError::HeadersTooLarge {
-                index,
-                size,
-                frame_max,
-            });
-        }
+        // No live channel right now although the caller saw the broker connected: the
+        // connection is being lost under us (a failover). With --retry-unconfirmed the
+        // batch waits for the next connection within its confirm deadline, as a batch
+        // in flight would; without, it fails at once.
+        let channel = match self.shared.channel(lane_index) {
+            Ok((channel, frame_max)) => {
+                too_large(&events, frame_max)?;
+                Some(channel)
+            }
+            Err(PublishError::Disconnected) if self.shared.settings.retry_unconfirmed => None,
+            Err(error) => return Err(error),
+        };
         let shared = Arc::clone(&self.shared);
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + shared.settings.confirm_timeout;
@@ -355,14 +353,39 @@ impl Publisher {
                 // Sent or gave up: either way this batch goes next.
                 let _ = previous.await;
             }
-            let batch = Batch {
-                channel: &channel,
-                lane: lane_index,
-                events: &events,
-                headers: &headers,
-                deadline,
+            let channel = match channel {
+                Some(channel) => Ok(channel),
+                None => match next_channel(&shared, lane_index, deadline).await {
+                    Some((channel, frame_max)) => {
+                        too_large(&events, frame_max).map(|()| channel)
+                    }
+                    None => Err(PublishError::Disconnected),
+                },
             };
-            let outcome = publish_batch(&shared, batch, sent).await;
+            let outcome = match channel {
+                Ok(channel) => {
+                    let batch = Batch {
+                        channel: &channel,
+                        lane: lane_index,
+                        events: &events,
+                        headers: &headers,
+                        deadline,
+                    };
+                    publish_batch(&shared, batch, sent).await
+                }
+                Err(error) => {
+                    shared.metrics.rejected(reason(&error), events.len());
+                    BatchOutcome {
+                        events: events.len(),
+                        confirmed: 0,
+                        failure: Some(BatchFailure {
+                            index: 0,
+                            error,
+                            failed: events.len(),
+                        }),
+                    }
+                }
+            };
             // Settled: give the room back before answering, so a caller that retries
             // at once finds it free.
             drop(permit);
@@ -517,7 +540,7 @@ async fn republish_lost(
         if lost.is_empty() || shared.stop.is_cancelled() {
             return;
         }
-        let Some(channel) = next_channel(shared, batch.lane, batch.deadline).await else {
+        let Some((channel, _)) = next_channel(shared, batch.lane, batch.deadline).await else {
             return;
         };
         shared.metrics.republished(lost.len());
@@ -529,18 +552,39 @@ async fn republish_lost(
     }
 }
 
-/// A live channel for `lane` once the broker is connected again, or `None` when the
-/// deadline passes (or the service stops) first.
-async fn next_channel(shared: &Shared, lane: Option<usize>, deadline: Instant) -> Option<Channel> {
+/// Refuses events whose properties would not fit one frame of `frame_max` bytes (0:
+/// no limit): the broker would close the whole connection over them.
+fn too_large(events: &[ValidEvent], frame_max: usize) -> Result<(), PublishError> {
+    match events
+        .iter()
+        .map(header_frame_size)
+        .enumerate()
+        .find(|&(_, size)| frame_max > 0 && size > frame_max)
+    {
+        Some((index, size)) => Err(PublishError::HeadersTooLarge {
+            index,
+            size,
+            frame_max,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A live channel for `lane` (and the frame size) once the broker is connected again,
+/// or `None` when the deadline passes (or the service stops) first.
+async fn next_channel(
+    shared: &Shared,
+    lane: Option<usize>,
+    deadline: Instant,
+) -> Option<(Channel, usize)> {
     let mut state = shared.state.subscribe();
     loop {
         if shared.stop.is_cancelled() {
             return None;
         }
-        if state.borrow_and_update().connected
-            && let Ok((channel, _)) = shared.channel(lane)
-        {
-            return Some(channel);
+        let connected = state.borrow_and_update().connected;
+        if connected && let Ok(found) = shared.channel(lane) {
+            return Some(found);
         }
         match tokio::time::timeout_at(deadline, state.changed()).await {
             Ok(Ok(())) => {}

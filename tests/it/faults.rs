@@ -9,8 +9,8 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     AMQP_ADDR, FaultProxy, Load, LoadReport, Mode, PROXY_CHUNK, TestQueue, assert_exactly_once,
-    connect_broker, json_event, publish_until_ok, request, run_load, run_load_with, sample,
-    spawn_server, test_config, unique,
+    connect_broker, json_event, publish_until_ok, request, run_load, run_load_with, spawn_server,
+    test_config, unique,
 };
 
 /// Generous guard so a broken test fails instead of hanging; not a performance bound.
@@ -185,10 +185,7 @@ async fn connection_cut_twice_under_unary_and_stream_load_loses_nothing_acknowle
     server.wait_admission_idle(GUARD).await;
     // What was in flight at a cut is published again (--retry-unconfirmed, on by
     // default): only those may be in the broker twice.
-    let metrics = crate::support::http_get(server.admin_addr, "/metrics")
-        .await
-        .1;
-    let republished = sample(&metrics, "ingest_events_republished_total", &[]) as usize;
+    let republished = server.republished().await;
     report.assert_invariants_with(&queue, republished).await;
     // It recovered by itself.
     let mut client = client;
@@ -608,10 +605,7 @@ async fn cuts_under_load(retry_unconfirmed: bool) -> (LoadReport, usize) {
     let report = load.await.unwrap();
     server.wait_health(ServingStatus::Serving, GUARD).await;
     server.wait_admission_idle(GUARD).await;
-    let metrics = crate::support::http_get(server.admin_addr, "/metrics")
-        .await
-        .1;
-    let republished = sample(&metrics, "ingest_events_republished_total", &[]) as usize;
+    let republished = server.republished().await;
     report.assert_invariants_with(&queue, republished).await;
     server.stop().await.unwrap();
     queue.cleanup().await;

@@ -101,6 +101,13 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
+    /// `ingest_events_republished_total`: events it published again after a lost
+    /// connection, the only ones that may be in the broker twice.
+    pub async fn republished(&self) -> usize {
+        let metrics = http_get(self.admin_addr, "/metrics").await.1;
+        sample(&metrics, "ingest_events_republished_total", &[]) as usize
+    }
+
     pub async fn client(&self) -> IngestClient<Channel> {
         IngestClient::connect(self.url()).await.unwrap()
     }
