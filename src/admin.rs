@@ -83,7 +83,10 @@ async fn ready(State(admin): State<Admin>) -> (StatusCode, String) {
         );
     }
     match admin.node.get() {
-        Some(node) => (StatusCode::OK, format!("ready: connected to RabbitMQ node={node}\n")),
+        Some(node) => (
+            StatusCode::OK,
+            format!("ready: connected to RabbitMQ node={node}\n"),
+        ),
         None => (StatusCode::OK, "ready\n".to_owned()),
     }
 }

@@ -356,9 +356,7 @@ impl Publisher {
             let channel = match channel {
                 Some(channel) => Ok(channel),
                 None => match next_channel(&shared, lane_index, deadline).await {
-                    Some((channel, frame_max)) => {
-                        too_large(&events, frame_max).map(|()| channel)
-                    }
+                    Some((channel, frame_max)) => too_large(&events, frame_max).map(|()| channel),
                     None => Err(PublishError::Disconnected),
                 },
             };
@@ -406,7 +404,6 @@ impl Publisher {
     pub fn close(&self) {
         self.shared.stop.cancel();
     }
-
 }
 
 impl Shared {
@@ -544,7 +541,10 @@ async fn republish_lost(
             return;
         };
         shared.metrics.republished(lost.len());
-        tracing::debug!(events = lost.len(), "publishing unconfirmed events again after a lost channel");
+        tracing::debug!(
+            events = lost.len(),
+            "publishing unconfirmed events again after a lost channel"
+        );
         let again = publish_some(shared, batch, &channel, &lost, None).await;
         for (i, result) in lost.into_iter().zip(again) {
             results[i] = result;
@@ -618,7 +618,10 @@ async fn publish_batch(
     let all: Vec<usize> = (0..events.len()).collect();
     let mut results = publish_some(shared, &batch, channel, &all, sent).await;
     if shared.settings.retry_unconfirmed {
-        if results.iter().any(|r| matches!(r, Err(PublishError::Channel(_)))) {
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(PublishError::Channel(_))))
+        {
             // The dead channel goes before the new connection is waited for.
             shared.repair.notify_one();
         }

@@ -205,7 +205,9 @@ impl Metrics {
                 .build(),
             republished: meter
                 .u64_counter("ingest_events_republished")
-                .with_description("Events published again on a new connection after theirs was lost unconfirmed")
+                .with_description(
+                    "Events published again on a new connection after theirs was lost unconfirmed",
+                )
                 .build(),
             unauthenticated: meter
                 .u64_counter("ingest_calls_unauthenticated")
