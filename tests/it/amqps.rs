@@ -75,7 +75,14 @@ async fn with_the_brokers_ca_events_are_confirmed_over_tls(
     loop {
         let (code, body) = http_get(server.admin_addr, "/readyz").await;
         if code == 200 {
-            assert_eq!(body, "ready\n");
+            // The node it is connected to: the TLS port.
+            assert_eq!(
+                body,
+                format!(
+                    "ready: connected to RabbitMQ node=localhost:{}\n",
+                    node.amqps_port()
+                )
+            );
             break;
         }
         assert!(

@@ -223,7 +223,7 @@ async fn a_buffer_set_alone_below_the_default_batch_limit_starts_and_bounds_requ
         ("INGEST_BUFFER_EVENTS", "50"),
     ]);
     let (_, body) = run.readyz_until(|status, _| status == 200).await;
-    assert_eq!(body, "ready\n");
+    assert_eq!(body, "ready: connected to RabbitMQ node=127.0.0.1:5672\n");
 
     let mut client = run.client().await;
     let batch = |n: usize| {
