@@ -70,3 +70,12 @@ def test_blocked_callers_are_served_in_arrival_order():
         t.join(5)
     assert order == [0, 1, 2]
     assert flow.in_use() == (1, 1)
+
+
+def test_ids_made_in_a_burst_are_distinct_and_sorted():
+    from ingest_client import new_id
+
+    ids = [new_id() for _ in range(10_000)]  # many share a millisecond
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(i[14] == "7" for i in ids), "version 7"

@@ -162,15 +162,29 @@ class _Batch:
 _Settled = list[tuple[PublishFuture, Union[str, BaseException], int]]
 
 
+_id_lock = threading.Lock()
+_id_last = [0, 0]  # the millisecond and the 12-bit counter of the last id
+
+
 def new_id() -> str:
     """A UUIDv7 (time-ordered, RFC 9562): what ingest generates for events without id.
-    The client names every event itself, so a resend carries the same id."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    The client names every event itself, so a resend carries the same id. Ids made in
+    the same millisecond count up in the 12-bit `rand_a` field (RFC 9562, method 1), so
+    they sort in the order they were made."""
+    rand = int.from_bytes(os.urandom(8), "big")
+    with _id_lock:
+        ms = max(time.time_ns() // 1_000_000, _id_last[0])
+        if ms == _id_last[0]:
+            counter = _id_last[1] + 1
+            if counter > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+                ms, counter = ms + 1, 0
+        else:
+            counter = (rand >> 62) & 0x3FF  # a random start, with room to count up
+        _id_last[0], _id_last[1] = ms, counter
     value = (
         (ms & ((1 << 48) - 1)) << 80
         | 0x7 << 76
-        | ((rand >> 62) & 0xFFF) << 64
+        | counter << 64
         | 0b10 << 62
         | (rand & ((1 << 62) - 1))
     )
