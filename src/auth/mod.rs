@@ -109,18 +109,10 @@ impl crate::reload::Reloadable for Authenticator {
         "tenants file"
     }
     fn paths(&self) -> Vec<PathBuf> {
+        // The JWKS the tenants in force name reloads with them (known since they were
+        // loaded: no parse of the file on every look).
         let mut paths = vec![self.path.clone()];
-        // The JWKS it names reloads with it.
-        if let Ok(text) = std::fs::read_to_string(&self.path)
-            && let Ok(value) = text.parse::<toml::Table>()
-            && let Some(jwks) = value
-                .get("jwt")
-                .and_then(|j| j.get("jwks_file"))
-                .and_then(|f| f.as_str())
-        {
-            let base = self.path.parent().unwrap_or_else(|| Path::new("."));
-            paths.push(base.join(jwks));
-        }
+        paths.extend(self.tenants().jwks_path.clone());
         paths
     }
     fn reload(&self) -> Result<(), String> {

@@ -97,6 +97,8 @@ pub struct Tenants {
     pub tenants: Vec<Arc<Tenant>>,
     /// Set with `[jwt]`.
     pub jwt: Option<super::jwt::JwtVerifier>,
+    /// The JWKS file `[jwt]` names (resolved), reloaded with the tenants file.
+    pub jwks_path: Option<std::path::PathBuf>,
 }
 
 fn parse_hex(hex: &str) -> Option<[u8; 32]> {
@@ -230,7 +232,12 @@ impl Tenants {
                 problems.join("\n  ")
             ));
         }
-        Ok(Self { tenants, jwt })
+        let jwks_path = file.jwt.as_ref().map(|j| base.join(&j.jwks_file));
+        Ok(Self {
+            tenants,
+            jwt,
+            jwks_path,
+        })
     }
 }
 
