@@ -364,6 +364,7 @@ pub struct Args {
     /// After a lost connection or channel, publish the events sent and not yet
     /// confirmed again (same message_id, original order within each request) on the
     /// next connection, while their confirm deadline lasts; callers then get OK.
+    /// Unary calls arriving during the first round of reconnects wait for it too.
     /// `false`: they fail UNAVAILABLE at once.
     #[arg(
         long,

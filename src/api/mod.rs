@@ -23,7 +23,7 @@ use crate::{
     admission::{self, Admission, AdmitError},
     auth::{Caller, TENANT_HEADER},
     proto::{Event, PublishRequest, PublishResponse, PublishStreamResponse, ingest_server::Ingest},
-    publisher::{self, Publisher},
+    publisher::{self, BrokerState, Publisher},
     telemetry::{Metrics, Reason, metrics::Rpc, trace},
     validate::{self, Limits, ValidEvent},
 };
@@ -233,6 +233,25 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
+    /// Waits until a failover (`BrokerState::failing_over`) has connected to another
+    /// node or given up, at most `--confirm-timeout` (the wait an event in flight is
+    /// given), or until shutdown begins; then the state it ended in. The request it
+    /// holds meanwhile was admitted by the intake: the bound covers it.
+    async fn wait_out_failover(&self) -> BrokerState {
+        let mut watch = self.publisher.watch_state();
+        let over = async {
+            let _ = watch
+                .wait_for(|s| s.connected || !s.failing_over)
+                .await
+                .map(|_| ());
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(self.publisher.confirm_timeout(), over) => {}
+            () = self.draining.cancelled() => {}
+        }
+        self.publisher.state()
+    }
+
     /// The unary path: every check, cheapest first, then publish and wait.
     async fn publish_batch(
         &self,
@@ -257,8 +276,16 @@ impl IngestService {
         if self.draining.is_cancelled() {
             return Err(reject(Reason::Unavailable, status::shutting_down()));
         }
-        // Fail fast while the broker is away or stalled, before any other work.
-        let state = self.publisher.state();
+        // Fail fast while the broker is away or stalled, before any other work; but
+        // a connection lost just now is a failover under way: wait for its outcome.
+        let mut state = self.publisher.state();
+        if !state.connected && state.failing_over {
+            call.waiting_on(n);
+            state = self.wait_out_failover().await;
+            if self.draining.is_cancelled() {
+                return Err(reject(Reason::Unavailable, status::shutting_down()));
+            }
+        }
         if !state.connected {
             let status = status::disconnected(
                 self.publisher.last_error().get().as_deref(),

@@ -20,7 +20,7 @@ use std::{
     pin::{Pin, pin},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker},
     time::Duration,
@@ -127,6 +127,13 @@ pub struct BrokerState {
     /// Events are outstanding and the broker has answered none for `--stall-after`
     /// (see `publisher::stall`).
     pub stalled: bool,
+    /// Not connected, but only just: a live connection was lost and the first round
+    /// of reconnects over the `--amqp-url` nodes is under way (with
+    /// `--retry-unconfirmed` only). A cluster node's death looks like this for the
+    /// backoff plus one connect; unary calls then wait for the next connection, within
+    /// their deadline, as the events in flight do, instead of failing. Ends when that
+    /// round connects or fails.
+    pub failing_over: bool,
 }
 
 /// What became of one batch.
@@ -196,11 +203,22 @@ struct Shared {
     progress: stall::Progress,
     /// The node (`host:port`) of the connection in use; `None` while disconnected.
     node: LastError,
+    /// Connections made so far: numbers each one, for [`ChannelKey`].
+    connections: AtomicU64,
+    /// Counts every new pool (a connection, or a channel replaced), so a batch waiting
+    /// for another channel than the ones that failed it wakes when one appears.
+    pools: watch::Sender<u64>,
 }
+
+/// One channel of one connection: lapin numbers channels per connection, so the id
+/// alone repeats after a reconnect.
+type ChannelKey = (u64, u16);
 
 #[derive(Debug)]
 struct Pool {
     channels: Vec<Channel>,
+    /// Which connection the channels belong to (see [`Shared::connections`]).
+    connection: u64,
     /// Largest frame the broker accepts (0: no limit); the content header frame, with
     /// every property and header, must fit in one.
     frame_max: usize,
@@ -240,6 +258,8 @@ impl Publisher {
             last_error: LastError::default(),
             progress: stall::Progress::new(),
             node: LastError::default(),
+            connections: AtomicU64::new(0),
+            pools: watch::Sender::new(0),
         });
         let watched = Arc::clone(&shared);
         tokio::spawn(async move { stall::watch(&watched).await });
@@ -261,6 +281,11 @@ impl Publisher {
     /// Why the broker counts as stalled, in words, for callers and readiness.
     pub fn stall_reason(&self) -> String {
         stall::reason(self.shared.settings.stall_after)
+    }
+
+    /// Longest wait from publish to confirm (`--confirm-timeout`).
+    pub fn confirm_timeout(&self) -> Duration {
+        self.shared.settings.confirm_timeout
     }
 
     /// Current broker state.
@@ -326,10 +351,10 @@ impl Publisher {
         // connection is being lost under us (a failover). With --retry-unconfirmed the
         // batch waits for the next connection within its confirm deadline, as a batch
         // in flight would; without, it fails at once.
-        let channel = match self.shared.channel(lane_index) {
-            Ok((channel, frame_max)) => {
+        let channel = match self.shared.channel(lane_index, &[]) {
+            Ok((channel, frame_max, key)) => {
                 too_large(&events, frame_max)?;
-                Some(channel)
+                Some((channel, key))
             }
             Err(PublishError::Disconnected) if self.shared.settings.retry_unconfirmed => None,
             Err(error) => return Err(error),
@@ -355,15 +380,18 @@ impl Publisher {
             }
             let channel = match channel {
                 Some(channel) => Ok(channel),
-                None => match next_channel(&shared, lane_index, deadline).await {
-                    Some((channel, frame_max)) => too_large(&events, frame_max).map(|()| channel),
+                None => match next_channel(&shared, lane_index, deadline, &[]).await {
+                    Some((channel, frame_max, key)) => {
+                        too_large(&events, frame_max).map(|()| (channel, key))
+                    }
                     None => Err(PublishError::Disconnected),
                 },
             };
             let outcome = match channel {
-                Ok(channel) => {
+                Ok((channel, key)) => {
                     let batch = Batch {
                         channel: &channel,
+                        key,
                         lane: lane_index,
                         events: &events,
                         headers: &headers,
@@ -407,8 +435,14 @@ impl Publisher {
 }
 
 impl Shared {
-    /// The channel for `lane` (or the next one round-robin), and the frame size.
-    fn channel(&self, lane: Option<usize>) -> Result<(Channel, usize), PublishError> {
+    /// The channel for `lane` (or the next one round-robin), the frame size and the
+    /// channel's key; never one of `avoid` (channels that already failed the caller,
+    /// which lapin may still show open for a moment after their connection died).
+    fn channel(
+        &self,
+        lane: Option<usize>,
+        avoid: &[ChannelKey],
+    ) -> Result<(Channel, usize, ChannelKey), PublishError> {
         let pool = self
             .pool
             .read()
@@ -420,8 +454,12 @@ impl Shared {
         // Prefer the chosen channel; skip over one the broker closed until it is replaced.
         for i in 0..n {
             let channel = &pool.channels[(start + i) % n];
+            let key = (pool.connection, channel.id());
+            if avoid.contains(&key) {
+                continue;
+            }
             if channel.status().connected() {
-                return Ok((channel.clone(), pool.frame_max));
+                return Ok((channel.clone(), pool.frame_max, key));
             }
             self.repair.notify_one();
         }
@@ -461,6 +499,8 @@ const REPUBLISH_ROUNDS: usize = 3;
 /// One batch on its way: where it goes and until when.
 struct Batch<'a> {
     channel: &'a Channel,
+    /// Which channel that is, so a republish does not pick it again.
+    key: ChannelKey,
     /// The lane's channel index, to publish again on the same lane after a reconnect.
     lane: Option<usize>,
     events: &'a [ValidEvent],
@@ -525,6 +565,8 @@ async fn republish_lost(
     batch: &Batch<'_>,
     results: &mut [Result<(), PublishError>],
 ) {
+    // Never the same channel again: the one that failed may still look open.
+    let mut failed = vec![batch.key];
     // A channel the broker closes for a reason of the message's own (say the exchange
     // was deleted) would fail every attempt: a few rounds, not a spin until the deadline.
     for _ in 0..REPUBLISH_ROUNDS {
@@ -537,9 +579,12 @@ async fn republish_lost(
         if lost.is_empty() || shared.stop.is_cancelled() {
             return;
         }
-        let Some((channel, _)) = next_channel(shared, batch.lane, batch.deadline).await else {
+        let Some((channel, _, key)) =
+            next_channel(shared, batch.lane, batch.deadline, &failed).await
+        else {
             return;
         };
+        failed.push(key);
         shared.metrics.republished(lost.len());
         tracing::debug!(
             events = lost.len(),
@@ -576,18 +621,28 @@ async fn next_channel(
     shared: &Shared,
     lane: Option<usize>,
     deadline: Instant,
-) -> Option<(Channel, usize)> {
+    avoid: &[ChannelKey],
+) -> Option<(Channel, usize, ChannelKey)> {
     let mut state = shared.state.subscribe();
+    let mut pools = shared.pools.subscribe();
     loop {
         if shared.stop.is_cancelled() {
             return None;
         }
+        pools.borrow_and_update();
         let connected = state.borrow_and_update().connected;
-        if connected && let Ok(found) = shared.channel(lane) {
+        if connected && let Ok(found) = shared.channel(lane, avoid) {
             return Some(found);
         }
-        match tokio::time::timeout_at(deadline, state.changed()).await {
-            Ok(Ok(())) => {}
+        // A new connection, or a replaced channel on this one.
+        let changed = async {
+            tokio::select! {
+                changed = state.changed() => changed.is_ok(),
+                changed = pools.changed() => changed.is_ok(),
+            }
+        };
+        match tokio::time::timeout_at(deadline, changed).await {
+            Ok(true) => {}
             _ => return None,
         }
     }

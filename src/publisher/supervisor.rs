@@ -2,7 +2,10 @@
 //! channels, watches the connection, and reconnects with capped exponential backoff
 //! and jitter. It is the only writer of the channel pool and of the broker state.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lapin::{
@@ -71,7 +74,10 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 }
                 let pool = shared.pool.read().ok().and_then(|p| p.clone());
                 set_pool(&shared, None);
-                shared.state.send_replace(BrokerState::default());
+                shared.state.send_replace(BrokerState {
+                    failing_over: shared.settings.retry_unconfirmed && !shared.stop.is_cancelled(),
+                    ..BrokerState::default()
+                });
                 if shared.stop.is_cancelled() {
                     // Channels first, then the connection; all bounded, since a
                     // blocked broker answers neither.
@@ -97,6 +103,11 @@ pub(super) async fn run(shared: Arc<Shared>) {
             Err(failure) => {
                 let error = failure.reason.as_str();
                 let new = shared.last_error.set(Some(error));
+                // The first round after a loss found no node: the broker is away, and
+                // calls fail at once again (with the reason just set).
+                if shared.state.borrow().failing_over {
+                    shared.state.send_replace(BrokerState::default());
+                }
                 const RETRYING: &str = "cannot connect to RabbitMQ; retrying (the same error again is logged at debug)";
                 match (new, failure.refused) {
                     (true, true) => tracing::error!(error = %error, attempt, "{RETRYING}"),
@@ -226,6 +237,7 @@ async fn setup(shared: &Shared, connection: &Connection) -> Result<(), String> {
         shared,
         Some(Pool {
             channels,
+            connection: shared.connections.fetch_add(1, Ordering::Relaxed) + 1,
             frame_max,
         }),
     );
@@ -233,6 +245,7 @@ async fn setup(shared: &Shared, connection: &Connection) -> Result<(), String> {
         connected: true,
         blocked: connection.status().blocked(),
         stalled: false,
+        failing_over: false,
     });
     Ok(())
 }
@@ -323,6 +336,7 @@ async fn repair(shared: &Shared, connection: &Connection) -> Result<(), String> 
         shared,
         Some(Pool {
             channels,
+            connection: pool.connection,
             frame_max: pool.frame_max,
         }),
     );
@@ -334,7 +348,12 @@ fn set_pool(shared: &Shared, pool: Option<Pool>) {
         Ok(slot) => slot,
         Err(poisoned) => poisoned.into_inner(),
     };
+    let new = pool.is_some();
     *slot = pool.map(Arc::new);
+    drop(slot);
+    if new {
+        shared.pools.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// Capped exponential backoff with jitter: a random delay in the upper half of

@@ -8,10 +8,11 @@
 //!
 //! One test runs the scenarios in sequence on one cluster (its start-up costs 17-35 s
 //! on 2 cores): failover with `--retry-unconfirmed` on, the killed node brought back
-//! and the cluster whole again, the same with it off, the node back again; then the
-//! two runs compared (events republished only with it on; `PublishAcked` requests in
-//! flight at the kill fail only with it off). In both the queue's leader is on a node
-//! that stays up. The case where the killed node also led the queue is a second,
+//! and the cluster whole again, the same with it off (another node killed), the node
+//! back again, and on again (again another node); then the runs compared: with it on
+//! callers see no error at all and events are republished; with it off nothing is
+//! republished, `PublishAcked` requests in flight at the kill fail, and every failure
+//! is `UNAVAILABLE`. In all the queue's leader is on a node that stays up. The case where the killed node also led the queue is a second,
 //! ignored test with a cluster of its own.
 
 use std::{
@@ -62,13 +63,40 @@ async fn a_cluster_node_killed_under_load_fails_over_and_loses_nothing_acknowled
 
     // (a) failover with the default, --retry-unconfirmed on, the queue's leader on
     // another node than the one killed; (c) the node back, the cluster whole.
-    let on = failover(&cluster, true, Leader::Elsewhere).await;
+    let on = failover(&cluster, true, Leader::Elsewhere, None).await;
     bring_back(&cluster, on.killed).await;
-    // (b) the same with it off; (c) again.
-    let off = failover(&cluster, false, Leader::Elsewhere).await;
+    // (b) the same with it off, killing another node than the first; (c) again.
+    let off = failover(&cluster, false, Leader::Elsewhere, Some(on.killed)).await;
     bring_back(&cluster, off.killed).await;
+    // (d) on again, and again another node: a node that rejoined the cluster is
+    // failed over to and from like any other.
+    let again = failover(&cluster, true, Leader::Elsewhere, Some(off.killed)).await;
+    bring_back(&cluster, again.killed).await;
 
-    summary(&[&on, &off]);
+    summary(&[&on, &off, &again]);
+    assert!(
+        on.killed != off.killed && off.killed != again.killed,
+        "each kill is of another node than the one before: {}, {}, {}",
+        on.killed,
+        off.killed,
+        again.killed
+    );
+    for run in [&on, &again] {
+        assert!(
+            run.caller_errors.is_empty(),
+            "{} with --retry-unconfirmed on, callers see no error at a failover; they saw \
+             (events by code) {:?}",
+            run.label,
+            run.caller_errors
+        );
+    }
+    for code in off.caller_errors.keys() {
+        assert_eq!(
+            code, "Unavailable",
+            "with --retry-unconfirmed off, what fails at a failover is answered UNAVAILABLE: {:?}",
+            off.caller_errors
+        );
+    }
     assert!(
         on.republished > 0.0,
         "with --retry-unconfirmed on, events unconfirmed when the node died are published \
@@ -118,7 +146,7 @@ async fn a_cluster_node_killed_under_load_fails_over_and_loses_nothing_acknowled
 async fn the_killed_node_also_led_the_quorum_queue_and_nothing_acknowledged_is_lost() {
     let suite = Instant::now();
     let cluster = Cluster::start().await;
-    let run = failover(&cluster, true, Leader::OnKilled).await;
+    let run = failover(&cluster, true, Leader::OnKilled, None).await;
     bring_back(&cluster, run.killed).await;
     summary(&[&run]);
     drop(cluster);
@@ -134,7 +162,7 @@ fn summary(runs: &[&Failover]) {
         eprintln!(
             "{:<44} reconnect {:>9.2?}; events UNAVAILABLE: {:>3} unary+acked, {:>3} on \
              streams; {:>2} acked requests failed in flight; {:>3} republished, {:>3} \
-             duplicates, missing=0",
+             duplicates, missing=0; caller errors {:?}",
             run.label,
             run.reconnect,
             run.request_unavailable,
@@ -142,6 +170,7 @@ fn summary(runs: &[&Failover]) {
             run.acked_in_flight_failed,
             run.republished,
             run.duplicates,
+            run.caller_errors,
         );
     }
 }
@@ -173,34 +202,56 @@ struct Failover {
     republished: f64,
     /// Messages in the queue more than once.
     duplicates: usize,
+    /// Events the callers were answered an error for, by code.
+    caller_errors: BTreeMap<String, usize>,
 }
 
 /// Starts `ingest` on the cluster, puts it under load, kills the node it is connected
 /// to, and checks it fails over within [`RECONNECT_BOUND`] and that no acknowledged
-/// event is missing from the quorum queue.
-async fn failover(cluster: &Cluster, retry_unconfirmed: bool, leader: Leader) -> Failover {
+/// event is missing from the quorum queue. With `avoid`, the node killed is another
+/// one: a service that happens to connect there is restarted until it connects
+/// elsewhere (it picks a node at random).
+async fn failover(
+    cluster: &Cluster,
+    retry_unconfirmed: bool,
+    leader: Leader,
+    avoid: Option<usize>,
+) -> Failover {
     let label = format!("retry-unconfirmed={retry_unconfirmed}, leader {leader:?}:");
     let exchange = unique("ingest-test-cluster");
     let admin = free_addr();
     let log_path = std::env::temp_dir().join(format!("{}.log", unique("ingest-cluster")));
-    let mut server = ChildServer::start_with_stderr(
-        &cluster.url_list(),
-        &exchange,
-        &[
-            ("INGEST_ADMIN_LISTEN", &admin.to_string()),
-            (
-                "INGEST_RETRY_UNCONFIRMED",
-                if retry_unconfirmed { "true" } else { "false" },
-            ),
-        ],
-        std::fs::File::create(&log_path).unwrap().into(),
-    );
+    let mut tries = 0;
+    let (mut server, client, first) = loop {
+        let mut server = ChildServer::start_with_stderr(
+            &cluster.url_list(),
+            &exchange,
+            &[
+                ("INGEST_ADMIN_LISTEN", &admin.to_string()),
+                (
+                    "INGEST_RETRY_UNCONFIRMED",
+                    if retry_unconfirmed { "true" } else { "false" },
+                ),
+            ],
+            std::fs::File::create(&log_path).unwrap().into(),
+        );
+        let client = server.ready_client().await;
+        let first = wait_ready_on(cluster, admin, None, GUARD).await;
+        tries += 1;
+        if avoid != Some(first) {
+            break (server, client, first);
+        }
+        assert!(
+            tries < 30,
+            "ingest connected to node {first} {tries} times in a row"
+        );
+        server.sigterm();
+        assert!(server.wait_exit().await.success());
+    };
     let pid = server.child.id();
-    let client = server.ready_client().await;
 
     // Where it is connected, seen four ways that must agree: /readyz, the gauge, the
     // log, and its own TCP connections.
-    let first = wait_ready_on(cluster, admin, None, GUARD).await;
     assert_node_shown(cluster, admin, pid, &log_path, first).await;
     // The queue is declared now that the node to be killed is known: a quorum queue's
     // leader starts on the node it is declared through.
@@ -327,6 +378,13 @@ async fn failover(cluster: &Cluster, retry_unconfirmed: bool, leader: Leader) ->
         "PublishAcked broke its contract: {:?}",
         acked.broken
     );
+    let caller_errors: BTreeMap<String, usize> = [&unary, &streams, &acked.report]
+        .into_iter()
+        .flat_map(|r| r.errored.iter())
+        .fold(BTreeMap::new(), |mut all, (code, n)| {
+            *all.entry(code.clone()).or_default() += n;
+            all
+        });
     let unavailable = |r: &LoadReport| r.errored.get("Unavailable").copied().unwrap_or(0);
     let request_unavailable = unavailable(&unary) + unavailable(&acked.report);
     let stream_unavailable = unavailable(&streams);
@@ -409,6 +467,7 @@ async fn failover(cluster: &Cluster, retry_unconfirmed: bool, leader: Leader) ->
         acked_in_flight_failed: acked.in_flight_failed,
         republished,
         duplicates,
+        caller_errors,
     }
 }
 
