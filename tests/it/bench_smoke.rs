@@ -91,19 +91,25 @@ fn ingest_bench_runs_every_scenario_briefly() {
     }
 }
 
-/// acked-100 in plain, tls and tls+auth: with a wrong certificate or a missing token
-/// every request would fail (errors, no events); the certificates and token are
-/// gone afterwards.
+/// acked-100 in plain, tls and tls+auth, in two rounds: with a wrong certificate or a
+/// missing token every request would fail (errors, no events); the direct ceiling
+/// also runs with the tenant header, and the tls+auth row is measured against it; the
+/// certificates and token are gone afterwards.
 #[test]
 fn ingest_bench_runs_a_scenario_in_every_security_mode() {
     let (rows, stdout, pid) = run_bench(&[
         "--scenarios",
-        "acked-100",
+        "direct,acked-100",
         "--security",
         "plain,tls,tls+auth",
+        "--rounds",
+        "2",
     ]);
-    assert_eq!(rows.len(), 3, "{stdout}");
+    // The JSON holds the last round.
+    assert_eq!(rows.len(), 5, "{stdout}");
     for (name, security) in [
+        ("direct", "plain"),
+        ("direct/tls+auth", "tls+auth"),
         ("acked-100", "plain"),
         ("acked-100/tls", "tls"),
         ("acked-100/tls+auth", "tls+auth"),
@@ -114,6 +120,27 @@ fn ingest_bench_runs_a_scenario_in_every_security_mode() {
             assert!(row["ratio_to_plain"].is_f64(), "{name}:\n{stdout}");
         }
     }
+    // Each row against the direct ceiling of its own messages.
+    let value = |name: &str, key: &str| {
+        checked_row(&rows, name, &stdout)[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: no {key}:\n{stdout}"))
+    };
+    let against = |name: &str, direct: &str| {
+        let ratio = value(name, "ratio_to_direct");
+        let expected = value(name, "events_per_sec") / value(direct, "events_per_sec");
+        assert!(
+            (ratio - expected).abs() <= 1e-9 * expected.max(1.0),
+            "{name} is {ratio}x direct, not against {direct} ({expected}):\n{stdout}"
+        );
+    };
+    against("acked-100/tls+auth", "direct/tls+auth");
+    against("acked-100/tls", "direct");
+    against("acked-100", "direct");
+    assert!(
+        stdout.contains("round 2 of 2:") && stdout.contains("medians over 2 rounds"),
+        "no rounds or summary:\n{stdout}"
+    );
     assert!(
         stdout.contains("x of acked-100 (plain) in this run"),
         "no ratio to plain noted:\n{stdout}"

@@ -97,6 +97,12 @@ pub struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
     pub security: Vec<Mode>,
 
+    /// Run every scenario (and security mode) this many times over, interleaved, and
+    /// end with the median of each row's ratios: the broker's pace drifts by ±15 %
+    /// over a minute, which one pass cannot tell from a real difference.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+
     /// RabbitMQ URL, for the direct scenario, the queue checks and the server.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
@@ -241,6 +247,7 @@ impl Args {
             ("--connections", self.connections),
             ("--channels", self.channels),
             ("--inflight", self.inflight),
+            ("--rounds", self.rounds),
             ("--overload-callers", self.overload_callers),
             ("--overload-connections", self.overload_connections),
             ("--overload-batch", self.overload_batch),

@@ -83,6 +83,52 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     };
 
     let mut ok = true;
+    let mut rounds: Vec<Vec<Row>> = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("ingest-bench: round {round} of {}", args.rounds);
+        }
+        let (mut rows, passed) = run_round(args, &env).await;
+        ok &= passed;
+        report::fill_ratios(&mut rows);
+        if args.rounds > 1 {
+            println!("round {round} of {}:", args.rounds);
+        }
+        print!("{}", report::table(&rows));
+        rounds.push(rows);
+    }
+    broker.close().await;
+    if args.rounds > 1 {
+        print!("{}", report::rounds_summary(&rounds));
+    }
+    println!("run time {:.1} s", started.elapsed().as_secs_f64());
+    // JSON and the plot show the last round.
+    let rows = rounds.pop().unwrap_or_default();
+    if let Some(path) = &args.json {
+        report::write_json(path, &rows)?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(path, &rows)?;
+    }
+    for row in rounds
+        .iter()
+        .flatten()
+        .chain(&rows)
+        .filter(|r| r.queue_check == QueueCheck::Mismatch)
+    {
+        eprintln!(
+            "ingest-bench: {}: queue holds {} messages, {} events were acknowledged",
+            row.scenario, row.queue_actual, row.queue_expected
+        );
+        ok = false;
+    }
+    Ok(ok)
+}
+
+/// One pass over every scenario and mode asked for: the rows, and whether every
+/// scenario ran.
+async fn run_round(args: &Args, env: &Env<'_>) -> (Vec<Row>, bool) {
+    let mut ok = true;
     let mut rows = Vec::with_capacity(args.scenarios.len() * args.security.len());
     for &scenario in &args.scenarios {
         if matches!(scenario, Scenario::Overload | Scenario::Abuse) && args.addr.is_some() {
@@ -92,13 +138,24 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
             );
             continue;
         }
-        let modes = if scenario.is_grpc() {
-            &args.security[..]
+        // The direct ceiling also runs with the messages of each mode that changes
+        // them (tls+auth stamps the tenant header), to compare like with like.
+        let modes: Vec<Mode> = if scenario.is_grpc() {
+            args.security.clone()
+        } else if scenario == Scenario::Direct {
+            std::iter::once(Mode::Plain)
+                .chain(
+                    args.security
+                        .iter()
+                        .copied()
+                        .filter(|&m| security::stamped_header(m).is_some()),
+                )
+                .collect()
         } else {
-            &[Mode::Plain]
+            vec![Mode::Plain]
         };
-        for &mode in modes {
-            match scenarios::run(&env, scenario, mode).await {
+        for mode in modes {
+            match scenarios::run(env, scenario, mode).await {
                 Ok(measured) => {
                     let row = Row::new(scenario, mode, measured, args.payload_bytes);
                     eprintln!(
@@ -117,28 +174,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
             }
         }
     }
-    broker.close().await;
-
-    report::fill_ratios(&mut rows);
-    print!("{}", report::table(&rows));
-    println!("run time {:.1} s", started.elapsed().as_secs_f64());
-    if let Some(path) = &args.json {
-        report::write_json(path, &rows)?;
-    }
-    if let Some(path) = &args.plot {
-        plot::draw(path, &rows)?;
-    }
-    for row in rows
-        .iter()
-        .filter(|r| r.queue_check == QueueCheck::Mismatch)
-    {
-        eprintln!(
-            "ingest-bench: {}: queue holds {} messages, {} events were acknowledged",
-            row.scenario, row.queue_actual, row.queue_expected
-        );
-        ok = false;
-    }
-    Ok(ok)
+    (rows, ok)
 }
 
 /// A payload of `len` bytes, not all zeros (so nothing on the way can shortcut

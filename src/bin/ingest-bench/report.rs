@@ -31,7 +31,8 @@ pub struct Row {
     /// The scenario without the mode.
     #[serde(skip)]
     pub kind: Scenario,
-    /// `plain`, `tls` or `tls+auth` for the gRPC scenarios; none for the others.
+    /// `plain`, `tls` or `tls+auth` for the gRPC scenarios and direct (whose
+    /// `tls+auth` row publishes the messages ingest stamps); none for the others.
     pub security: Option<&'static str>,
     /// Workload shape, e.g. "64 callers x 1 on 1 conn".
     pub setup: String,
@@ -131,7 +132,7 @@ impl Row {
         Self {
             scenario: scenarios::row_name(scenario, mode),
             kind: scenario,
-            security: scenario.is_grpc().then(|| mode.name()),
+            security: (scenario.is_grpc() || scenario == Scenario::Direct).then(|| mode.name()),
             setup,
             events,
             seconds,
@@ -185,18 +186,31 @@ pub fn fill_ratios(rows: &mut [Row]) {
             (ratio - 1.0) * 100.0
         ));
     }
-    let Some((rate, confirm_p99)) = rows
+    // Each row against the direct ceiling of the same messages: `direct/tls+auth`
+    // carries the tenant header as ingest stamps it; otherwise plain `direct`.
+    let directs: Vec<(Option<&'static str>, Option<f64>, Option<f64>)> = rows
         .iter()
-        .find(|r| r.scenario == Scenario::Direct.name())
-        .map(|r| (Some(r.events_per_sec).filter(|&rate| rate > 0.0), r.p99_ms))
-    else {
-        return;
+        .filter(|r| r.kind == Scenario::Direct)
+        .map(|r| {
+            let rate = Some(r.events_per_sec).filter(|&rate| rate > 0.0);
+            (r.security, rate, r.p99_ms)
+        })
+        .collect();
+    let direct_for = |security: Option<&'static str>| {
+        directs
+            .iter()
+            .find(|(s, ..)| *s == security)
+            .or_else(|| directs.iter().find(|(s, ..)| *s == plain))
+            .map(|&(_, rate, p99)| (rate, p99))
     };
     // Overload's throughput is bounded by the stall by design; no ratio.
     for row in rows
         .iter_mut()
         .filter(|r| r.scenario != Scenario::Overload.name() && r.scenario != Scenario::Abuse.name())
     {
+        let Some((rate, confirm_p99)) = direct_for(row.security) else {
+            continue;
+        };
         row.ratio_to_direct = rate.map(|direct| row.events_per_sec / direct);
         if let (Some(ack), Some(confirm)) =
             (row.p99_ms.filter(|_| row.latency_of == "ack"), confirm_p99)
@@ -309,4 +323,79 @@ pub fn write_json(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(rows)?;
     std::fs::write(path, json + "\n")
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+/// With `--rounds`: per row, the median over the rounds of its ratio to the direct
+/// ceiling of the same messages, and, for the TLS modes, of that ratio against the
+/// plain row's in the same round (what the mode costs ingest, the broker's share
+/// taken out) and of the raw events/s against plain.
+pub fn rounds_summary(rounds: &[Vec<Row>]) -> String {
+    let mut out = format!(
+        "\nmedians over {} rounds [each round]:\n{:<20}  {:>8}  {:>16}  {:>16}\n",
+        rounds.len(),
+        "scenario",
+        "x direct",
+        "x direct / plain",
+        "events/s / plain"
+    );
+    let Some(first) = rounds.first() else {
+        return out;
+    };
+    for row in first {
+        let same = |r: &&Row| r.scenario == row.scenario;
+        let to_direct: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| round.iter().find(same)?.ratio_to_direct)
+            .collect();
+        let plain_name = scenarios::row_name(row.kind, Mode::Plain);
+        let against_plain: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| {
+                let mine = round.iter().find(same)?.ratio_to_direct?;
+                let plain = round.iter().find(|r| r.scenario == plain_name)?;
+                Some(mine / plain.ratio_to_direct?)
+            })
+            .collect();
+        let raw: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| round.iter().find(same)?.ratio_to_plain)
+            .collect();
+        let cell = |values: &[f64]| match median(values) {
+            None => "n/a".to_owned(),
+            Some(m) => format!("{m:.3}"),
+        };
+        let plain_row = row.security.is_none_or(|s| s == Mode::Plain.name());
+        let (against_plain, raw) = if plain_row {
+            (Vec::new(), Vec::new())
+        } else {
+            (against_plain, raw)
+        };
+        out.push_str(&format!(
+            "{:<20}  {:>8}  {:>16}  {:>16}   [{}]\n",
+            row.scenario,
+            cell(&to_direct),
+            cell(&against_plain),
+            cell(&raw),
+            to_direct
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ));
+    }
+    out
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
 }

@@ -20,7 +20,7 @@ use crate::{
     overload,
     plan::{Plan, Tally},
     progress::Progress,
-    security::{Material, Mode, Setup},
+    security::{self, Material, Mode, Setup},
     server::{self, ChildServer, Dial},
 };
 
@@ -244,6 +244,7 @@ async fn steady(
             channels: args.channels,
             inflight: args.inflight,
             payload: env.payload.clone(),
+            header: security::stamped_header(mode),
         })
     } else {
         progress.status("starting server");

@@ -55,6 +55,12 @@ const SERVER_NAME: &str = "localhost";
 /// The one tenant of the tenants file.
 const TENANT: &str = "bench";
 
+/// The header ingest stamps on every message in `mode` (the tenant, with a tenants
+/// file), for a direct ceiling that publishes the same messages.
+pub fn stamped_header(mode: Mode) -> Option<(&'static str, &'static str)> {
+    (mode == Mode::TlsAuth).then_some((ingest::auth::TENANT_HEADER, TENANT))
+}
+
 /// What one mode adds to a started server and to the clients that dial it.
 #[derive(Clone, Default)]
 pub struct Setup {
