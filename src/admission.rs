@@ -74,6 +74,19 @@ pub fn message_bound(len: usize, events: usize, attributes: usize) -> usize {
         .saturating_add(attributes.saturating_mul(ATTRIBUTE_OVERHEAD))
 }
 
+/// [`message_bound`] for a caller of `tenant`: each event will also carry the
+/// tenant header the service stamps on it (its key, the name, one attribute's
+/// overhead), which the request's bytes do not show.
+pub fn stamped_bound(len: usize, events: usize, attributes: usize, tenant: Option<&str>) -> usize {
+    let stamp = tenant.map_or(0, |name| {
+        crate::auth::TENANT_HEADER
+            .len()
+            .saturating_add(name.len())
+            .saturating_add(ATTRIBUTE_OVERHEAD)
+    });
+    message_bound(len, events, attributes).saturating_add(events.saturating_mul(stamp))
+}
+
 /// The most one read from a request body takes off the connection at once: one
 /// HTTP/2 DATA frame at the default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps.
 pub const CHUNK_BYTES: usize = 16 * 1024;

@@ -446,6 +446,41 @@ mod tests {
             .collect()
     }
 
+    /// The intake admits a request for its bound before it is decoded; a tenant's
+    /// events grow by the stamped header afterwards, and the bound must cover that.
+    #[test]
+    fn the_stamped_bound_covers_a_tenants_events_after_the_stamp() {
+        use prost::Message as _;
+        let events: Vec<proto::Event> = (0..10)
+            .map(|_| proto::Event {
+                topic: "t".into(),
+                payload: Bytes::from(vec![b'x'; 1000]),
+                ..Default::default()
+            })
+            .collect();
+        let len = proto::PublishRequest {
+            events: events.clone(),
+            ..Default::default()
+        }
+        .encoded_len();
+        let tenant = "a-tenant-with-a-long-name";
+        let mut batch = validate_batch(events, &LIMITS).unwrap();
+        batch.stamp_all(crate::auth::TENANT_HEADER, tenant);
+        let unstamped = admission::message_bound(len, 10, 0);
+        let stamped = admission::stamped_bound(len, 10, 0, Some(tenant));
+        assert!(
+            unstamped < batch.bytes(),
+            "without the stamp counted, the bound {unstamped} is below the {} bytes held",
+            batch.bytes()
+        );
+        assert!(
+            stamped >= batch.bytes(),
+            "the bound {stamped} is below the {} bytes the stamped events hold",
+            batch.bytes()
+        );
+        assert_eq!(admission::stamped_bound(len, 10, 0, None), unstamped);
+    }
+
     #[test]
     fn valid_event_keeps_everything_and_gets_an_id() {
         let mut e = event("orders.created");

@@ -296,7 +296,7 @@ impl IntakeBody {
                 Mode::Now,
             ) => {
                 self.events = events;
-                let bound = admission::message_bound(len, events, attributes);
+                let bound = admission::stamped_bound(len, events, attributes, self.tenant_name());
                 let permit = admission
                     .try_admit_for(self.quota.as_deref(), events, bound)
                     .map_err(|e| self.refusal(e))?;
@@ -310,7 +310,7 @@ impl IntakeBody {
                 },
                 Mode::Wait,
             ) => {
-                let bound = admission::message_bound(len, events, attributes);
+                let bound = admission::stamped_bound(len, events, attributes, self.tenant_name());
                 let admission = Arc::clone(admission);
                 let quota = self.quota.clone();
                 self.waiting = Some(Box::pin(async move {
@@ -322,6 +322,11 @@ impl IntakeBody {
             }
         }
         Ok(())
+    }
+
+    /// The caller's tenant, whose name the service stamps on each of its events.
+    fn tenant_name(&self) -> Option<&str> {
+        self.quota.as_deref().map(|q| &**q.name())
     }
 
     /// Takes room for the next read: at once for unary calls, else by a wait.
