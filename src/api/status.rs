@@ -115,7 +115,8 @@ pub(crate) fn publish_failed(error: &PublishError, field: Option<String>) -> Sta
         | PublishError::Nacked
         | PublishError::ConfirmTimeout
         | PublishError::Blocked
-        | PublishError::Channel(_) => retryable(Code::Unavailable, message, UNAVAILABLE_RETRY),
+        | PublishError::Channel(_)
+        | PublishError::Connection(_) => retryable(Code::Unavailable, message, UNAVAILABLE_RETRY),
     }
 }
 

@@ -41,7 +41,7 @@ pub(super) async fn publish_one(
     );
     let confirm = match timeout_at(deadline, publish).await {
         Ok(Ok(confirm)) => confirm,
-        Ok(Err(err)) => return Err(PublishError::Channel(err.to_string())),
+        Ok(Err(err)) => return Err(failed(&err)),
         Err(_) => return Err(PublishError::ConfirmTimeout),
     };
     match timeout_at(deadline, confirm).await {
@@ -55,8 +55,29 @@ pub(super) async fn publish_one(
         Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Channel(
             "channel is not in confirm mode".to_owned(),
         )),
-        Ok(Err(err)) => Err(PublishError::Channel(err.to_string())),
+        Ok(Err(err)) => Err(failed(&err)),
         Err(_) => Err(PublishError::ConfirmTimeout),
+    }
+}
+
+/// What an error of lapin's means for an event in flight: its connection failed
+/// (socket, heartbeat, the broker closed the connection, its state; a channel in
+/// state `Error`, which lapin sets only when the connection fails) or only its
+/// channel did.
+fn failed(err: &lapin::Error) -> PublishError {
+    let connection = err.is_io_error()
+        || err.is_amqp_hard_error()
+        || matches!(
+            err.kind(),
+            lapin::ErrorKind::InvalidConnectionState(_)
+                | lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, _)
+                | lapin::ErrorKind::MissingHeartbeatError
+                | lapin::ErrorKind::ParsingError(_)
+        );
+    if connection {
+        PublishError::Connection(err.to_string())
+    } else {
+        PublishError::Channel(err.to_string())
     }
 }
 
@@ -98,4 +119,31 @@ fn properties(
 /// panicking `From<&str>` off the request path all the same.
 fn short(value: &str) -> Result<ShortString, PublishError> {
     ShortString::try_new(value).map_err(|err| PublishError::Channel(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::{ChannelState, ConnectionState, ErrorKind};
+
+    use super::*;
+
+    /// A connection-level failure makes a republish skip every channel of that
+    /// connection; a channel-level one only that channel (the others still work).
+    #[test]
+    fn lapin_errors_are_told_apart_by_what_they_took_down() {
+        let connection = [
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+            ErrorKind::InvalidConnectionState(ConnectionState::Error).into(),
+            // lapin sets a channel's state to Error only when its connection failed.
+            ErrorKind::InvalidChannelState(ChannelState::Error, "basic.publish").into(),
+            ErrorKind::MissingHeartbeatError.into(),
+        ];
+        for err in connection {
+            assert!(matches!(failed(&err), PublishError::Connection(_)), "{err}");
+        }
+        // Closed by the broker on its own (say the exchange was deleted) or by us.
+        let channel: lapin::Error =
+            ErrorKind::InvalidChannelState(ChannelState::Closed, "basic.publish").into();
+        assert!(matches!(failed(&channel), PublishError::Channel(_)));
+    }
 }

@@ -95,10 +95,16 @@ pub enum PublishError {
         "RabbitMQ is blocking publishers (resource alarm); not sent within the confirm timeout"
     )]
     Blocked,
-    /// The channel or connection failed while the message was in flight; the outcome
-    /// is unknown, so a retry with the same id may duplicate.
+    /// The channel failed (the broker closed it, or it was unusable) while the
+    /// message was in flight; the outcome is unknown, so a retry with the same id may
+    /// duplicate. The connection and its other channels may be fine.
     #[error("AMQP channel failed: {0}")]
     Channel(String),
+    /// The connection failed under the message (socket error, missed heartbeats, closed
+    /// by the broker): every channel on it is gone, though lapin may show some still
+    /// open for a moment. Outcome unknown, as for `Channel`.
+    #[error("AMQP connection failed: {0}")]
+    Connection(String),
     /// The event's properties would not fit in one AMQP frame of the size negotiated
     /// with this broker; sending it would make the broker close the whole connection.
     #[error(
@@ -115,6 +121,14 @@ pub enum PublishError {
     /// The service is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+}
+
+impl PublishError {
+    /// In flight when its channel or connection failed: the outcome is unknown, and
+    /// `--retry-unconfirmed` publishes it again.
+    pub fn lost(&self) -> bool {
+        matches!(self, Self::Channel(_) | Self::Connection(_))
+    }
 }
 
 /// Broker connection state, for health, readiness and fast failure.
@@ -214,11 +228,38 @@ struct Shared {
 /// alone repeats after a reconnect.
 type ChannelKey = (u64, u16);
 
+/// Channels a batch must not publish on again: each channel that failed it, and
+/// every channel of a connection that failed under it. lapin fails the events of a
+/// dead socket before it marks the connection's channels closed, so for a moment the
+/// others still look open; publishing on them would only fail again.
+#[derive(Debug, Default)]
+struct Avoid {
+    channels: Vec<ChannelKey>,
+    connections: Vec<u64>,
+}
+
+impl Avoid {
+    fn contains(&self, key: ChannelKey) -> bool {
+        self.channels.contains(&key) || self.connections.contains(&key.0)
+    }
+
+    /// The channel `key` failed the batch; with `connection`, its whole connection did.
+    fn add(&mut self, key: ChannelKey, connection: bool) {
+        self.channels.push(key);
+        if connection {
+            self.connections.push(key.0);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pool {
     channels: Vec<Channel>,
     /// Which connection the channels belong to (see [`Shared::connections`]).
     connection: u64,
+    /// That connection's state as lapin sees it: once it is not connected, none of
+    /// its channels is used, even one lapin has not marked closed yet.
+    status: lapin::ConnectionStatus,
     /// Largest frame the broker accepts (0: no limit); the content header frame, with
     /// every property and header, must fit in one.
     frame_max: usize,
@@ -351,7 +392,7 @@ impl Publisher {
         // connection is being lost under us (a failover). With --retry-unconfirmed the
         // batch waits for the next connection within its confirm deadline, as a batch
         // in flight would; without, it fails at once.
-        let channel = match self.shared.channel(lane_index, &[]) {
+        let channel = match self.shared.channel(lane_index, &Avoid::default()) {
             Ok((channel, frame_max, key)) => {
                 too_large(&events, frame_max)?;
                 Some((channel, key))
@@ -380,12 +421,14 @@ impl Publisher {
             }
             let channel = match channel {
                 Some(channel) => Ok(channel),
-                None => match next_channel(&shared, lane_index, deadline, &[]).await {
-                    Some((channel, frame_max, key)) => {
-                        too_large(&events, frame_max).map(|()| (channel, key))
+                None => {
+                    match next_channel(&shared, lane_index, deadline, &Avoid::default()).await {
+                        Some((channel, frame_max, key)) => {
+                            too_large(&events, frame_max).map(|()| (channel, key))
+                        }
+                        None => Err(PublishError::Disconnected),
                     }
-                    None => Err(PublishError::Disconnected),
-                },
+                }
             };
             let outcome = match channel {
                 Ok((channel, key)) => {
@@ -441,7 +484,7 @@ impl Shared {
     fn channel(
         &self,
         lane: Option<usize>,
-        avoid: &[ChannelKey],
+        avoid: &Avoid,
     ) -> Result<(Channel, usize, ChannelKey), PublishError> {
         let pool = self
             .pool
@@ -449,13 +492,17 @@ impl Shared {
             .map_err(|_| PublishError::Disconnected)?
             .clone()
             .ok_or(PublishError::Disconnected)?;
+        if !pool.status.connected() {
+            // Lost under us; the supervisor is about to notice and replace it.
+            return Err(PublishError::Disconnected);
+        }
         let n = pool.channels.len();
         let start = lane.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
         // Prefer the chosen channel; skip over one the broker closed until it is replaced.
         for i in 0..n {
             let channel = &pool.channels[(start + i) % n];
             let key = (pool.connection, channel.id());
-            if avoid.contains(&key) {
+            if avoid.contains(key) {
                 continue;
             }
             if channel.status().connected() {
@@ -566,30 +613,38 @@ async fn republish_lost(
     results: &mut [Result<(), PublishError>],
 ) {
     // Never the same channel again: the one that failed may still look open.
-    let mut failed = vec![batch.key];
+    let mut failed = Avoid::default();
+    let mut key = batch.key;
     // A channel the broker closes for a reason of the message's own (say the exchange
     // was deleted) would fail every attempt: a few rounds, not a spin until the deadline.
     for _ in 0..REPUBLISH_ROUNDS {
         let lost: Vec<usize> = results
             .iter()
             .enumerate()
-            .filter(|(_, r)| matches!(r, Err(PublishError::Channel(_))))
+            .filter(|(_, r)| r.as_ref().is_err_and(PublishError::lost))
             .map(|(i, _)| i)
             .collect();
         if lost.is_empty() || shared.stop.is_cancelled() {
             return;
         }
-        let Some((channel, _, key)) =
+        let connection_lost = lost
+            .iter()
+            .any(|&i| matches!(results[i], Err(PublishError::Connection(_))));
+        failed.add(key, connection_lost);
+        let Some((channel, _, next)) =
             next_channel(shared, batch.lane, batch.deadline, &failed).await
         else {
             return;
         };
-        failed.push(key);
         shared.metrics.republished(lost.len());
         tracing::debug!(
             events = lost.len(),
+            failed = ?key,
+            connection_lost,
+            next = ?next,
             "publishing unconfirmed events again after a lost channel"
         );
+        key = next;
         let again = publish_some(shared, batch, &channel, &lost, None).await;
         for (i, result) in lost.into_iter().zip(again) {
             results[i] = result;
@@ -621,7 +676,7 @@ async fn next_channel(
     shared: &Shared,
     lane: Option<usize>,
     deadline: Instant,
-    avoid: &[ChannelKey],
+    avoid: &Avoid,
 ) -> Option<(Channel, usize, ChannelKey)> {
     let mut state = shared.state.subscribe();
     let mut pools = shared.pools.subscribe();
@@ -675,7 +730,7 @@ async fn publish_batch(
     if shared.settings.retry_unconfirmed {
         if results
             .iter()
-            .any(|r| matches!(r, Err(PublishError::Channel(_))))
+            .any(|r| r.as_ref().is_err_and(PublishError::lost))
         {
             // The dead channel goes before the new connection is waited for.
             shared.repair.notify_one();
@@ -700,7 +755,9 @@ async fn publish_batch(
             (Ok(()), Some(_)) => {}
             (Err(error), None) => {
                 match error {
-                    PublishError::Channel(_) => shared.repair.notify_one(),
+                    PublishError::Channel(_) | PublishError::Connection(_) => {
+                        shared.repair.notify_one();
+                    }
                     PublishError::ConfirmTimeout => shared.retire(channel),
                     // After a quorum queue's leader died with the node, a channel
                     // opened in the failover was seen to nack every publish for as
@@ -732,9 +789,10 @@ pub fn reason(error: &PublishError) -> Reason {
         PublishError::Nacked => Reason::Nacked,
         PublishError::ConfirmTimeout | PublishError::Blocked => Reason::Timeout,
         PublishError::HeadersTooLarge { .. } => Reason::Invalid,
-        PublishError::Disconnected | PublishError::Channel(_) | PublishError::ShuttingDown => {
-            Reason::Unavailable
-        }
+        PublishError::Disconnected
+        | PublishError::Channel(_)
+        | PublishError::Connection(_)
+        | PublishError::ShuttingDown => Reason::Unavailable,
     }
 }
 

@@ -238,6 +238,7 @@ async fn setup(shared: &Shared, connection: &Connection) -> Result<(), String> {
         Some(Pool {
             channels,
             connection: shared.connections.fetch_add(1, Ordering::Relaxed) + 1,
+            status: connection.status().clone(),
             frame_max,
         }),
     );
@@ -337,6 +338,7 @@ async fn repair(shared: &Shared, connection: &Connection) -> Result<(), String> 
         Some(Pool {
             channels,
             connection: pool.connection,
+            status: pool.status.clone(),
             frame_max: pool.frame_max,
         }),
     );

@@ -829,12 +829,12 @@ fn settle_ack(
 
 /// What [`failure_kind`] calls a publish whose channel or connection failed while it
 /// was in flight (outcome unknown): what `--retry-unconfirmed` publishes again.
-const IN_FLIGHT: &str = "in flight: channel failed";
+const IN_FLIGHT: &str = "in flight: channel or connection failed";
 
 /// Why a request failed, from its status message: in flight when the channel died,
 /// refused at once while not connected, nacked, or timed out.
 fn failure_kind(message: &str) -> &'static str {
-    if message.contains("AMQP channel failed") {
+    if message.contains("AMQP channel failed") || message.contains("AMQP connection failed") {
         IN_FLIGHT
     } else if message.contains("not connected") {
         "refused: not connected"

@@ -43,7 +43,13 @@ pub struct LoadReport {
     pub transport_failures: Vec<String>,
     /// How long each unary call answered OK took, in the order they ended.
     pub ok_latencies: Vec<Duration>,
+    /// The service's error messages and how many calls got each, the first
+    /// [`MESSAGES_KEPT`] distinct ones: so a failed assertion says what went wrong.
+    pub messages: BTreeMap<String, usize>,
 }
+
+/// How many distinct error messages a report keeps.
+const MESSAGES_KEPT: usize = 20;
 
 impl LoadReport {
     /// Adds `other`'s calls and outcomes to this report.
@@ -61,6 +67,20 @@ impl LoadReport {
             .extend(other.streams_without_count);
         self.transport_failures.extend(other.transport_failures);
         self.ok_latencies.extend(other.ok_latencies);
+        for (message, n) in other.messages {
+            self.note(message, n);
+        }
+    }
+
+    /// Counts a call answered with `message`, as long as fewer than
+    /// [`MESSAGES_KEPT`] distinct messages are kept.
+    fn note(&mut self, message: String, calls: usize) {
+        let kept = self.messages.len();
+        if let Some(n) = self.messages.get_mut(&message) {
+            *n += calls;
+        } else if kept < MESSAGES_KEPT {
+            self.messages.insert(message, calls);
+        }
     }
 
     /// The median of [`LoadReport::ok_latencies`], if any call answered OK.
@@ -320,6 +340,7 @@ async fn unary_worker(
                     None => format!("{:?}", status.code()),
                 };
                 *report.errored.entry(key).or_default() += ids.len();
+                report.note(format!("{:?}: {}", status.code(), status.message()), 1);
                 backoff(&status).await;
             }
         }
@@ -402,6 +423,7 @@ async fn stream_worker(mut client: IngestClient<Channel>, worker: Worker) -> Loa
                         taken.len()
                     );
                     *report.errored.entry(code).or_default() += taken.len() - confirmed;
+                    report.note(format!("{:?}: {}", status.code(), status.message()), 1);
                     confirmed
                 };
                 report.acked.extend(taken[..confirmed].iter().cloned());

@@ -40,8 +40,23 @@ pub struct TestServer {
     task: Option<JoinHandle<Result<(), RunError>>>,
 }
 
+/// With `RUST_LOG` set, the in-process services log to the test's output (shown for
+/// a failing test, or for all with `--nocapture`); without it they are silent.
+fn init_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// Starts the service with `config` on 127.0.0.1:0.
 pub async fn spawn_server(config: Config) -> TestServer {
+    init_log();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
