@@ -19,7 +19,9 @@ const SCENARIOS: [&str; 8] = [
 /// Runs ingest-bench with `args` (counted, small and without warm-up, so the test
 /// stays short and light on a machine that runs other integration tests beside it),
 /// asserts it succeeded, and returns its JSON rows, its stdout and its process id.
-fn run_bench(args: &[&str]) -> (Vec<serde_json::Value>, String, u32) {
+/// The JSON rows, stdout, stderr (progress: one line per row, in the order run) and
+/// the bench's pid.
+fn run_bench(args: &[&str]) -> (Vec<serde_json::Value>, String, String, u32) {
     let json = std::env::temp_dir().join(format!(
         "ingest-bench-smoke-{}-{:016x}.json",
         std::process::id(),
@@ -38,7 +40,7 @@ fn run_bench(args: &[&str]) -> (Vec<serde_json::Value>, String, u32) {
     let pid = child.id();
     let output = child.wait_with_output().expect("wait for ingest-bench");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
         output.status.success(),
         "ingest-bench failed ({}); is RabbitMQ running (`rabbitmq-server -detached`)?\n\
@@ -49,7 +51,7 @@ fn run_bench(args: &[&str]) -> (Vec<serde_json::Value>, String, u32) {
     let _ = std::fs::remove_file(&json);
     let rows = serde_json::from_slice(&written).expect("JSON rows");
     assert!(stdout.contains("events/s"), "no table on stdout:\n{stdout}");
-    (rows, stdout, pid)
+    (rows, stdout, stderr, pid)
 }
 
 /// The row named `name`, checked: events acknowledged, the queue holds exactly them,
@@ -78,7 +80,7 @@ fn checked_row<'a>(
 
 #[test]
 fn ingest_bench_runs_every_scenario_briefly() {
-    let (rows, stdout, _) = run_bench(&[
+    let (rows, stdout, _, _) = run_bench(&[
         "--overload-duration",
         "1s",
         "--overload-callers",
@@ -97,7 +99,7 @@ fn ingest_bench_runs_every_scenario_briefly() {
 /// certificates and token are gone afterwards.
 #[test]
 fn ingest_bench_runs_a_scenario_in_every_security_mode() {
-    let (rows, stdout, pid) = run_bench(&[
+    let (rows, stdout, stderr, pid) = run_bench(&[
         "--scenarios",
         "direct,acked-100",
         "--security",
@@ -141,6 +143,23 @@ fn ingest_bench_runs_a_scenario_in_every_security_mode() {
         stdout.contains("round 2 of 2:") && stdout.contains("medians over 2 rounds"),
         "no rounds or summary:\n{stdout}"
     );
+    // The second round runs in reverse order, and its table is in the order asked for.
+    let ran = |round: &str| -> Vec<String> {
+        stderr
+            .split(round)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {round:?}:\n{stderr}"))
+            .lines()
+            .take_while(|line| !line.contains("ingest-bench: round"))
+            .filter(|line| line.contains(" events/s, queue "))
+            .filter_map(|line| Some(line.split_once(": ")?.0.trim().to_owned()))
+            .collect()
+    };
+    let first = ran("ingest-bench: round 1 of 2");
+    let mut second = ran("ingest-bench: round 2 of 2");
+    assert_eq!(first.len(), 5, "{stderr}");
+    second.reverse();
+    assert_eq!(first, second, "round 2 did not run in reverse:\n{stderr}");
     assert!(
         stdout.contains("x of acked-100 (plain) in this run"),
         "no ratio to plain noted:\n{stdout}"

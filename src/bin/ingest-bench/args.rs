@@ -99,7 +99,9 @@ pub struct Args {
 
     /// Run every scenario (and security mode) this many times over, interleaved, and
     /// end with the median of each row's ratios: the broker's pace drifts by ±15 %
-    /// over a minute, which one pass cannot tell from a real difference.
+    /// over a minute, which one pass cannot tell from a real difference. Every
+    /// second round runs in the reverse order (A B C, C B A, ...), so a drift during
+    /// a round does not always favour the rows that run first; use an even number.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
 

@@ -88,7 +88,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         if args.rounds > 1 {
             eprintln!("ingest-bench: round {round} of {}", args.rounds);
         }
-        let (mut rows, passed) = run_round(args, &env).await;
+        let (mut rows, passed) = run_round(args, &env, round % 2 == 0).await;
         ok &= passed;
         report::fill_ratios(&mut rows);
         if args.rounds > 1 {
@@ -125,11 +125,10 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// One pass over every scenario and mode asked for: the rows, and whether every
-/// scenario ran.
-async fn run_round(args: &Args, env: &Env<'_>) -> (Vec<Row>, bool) {
-    let mut ok = true;
-    let mut rows = Vec::with_capacity(args.scenarios.len() * args.security.len());
+/// One pass over every scenario and mode asked for (`reversed`: last first): the
+/// rows, in the order asked for, and whether every scenario ran.
+async fn run_round(args: &Args, env: &Env<'_>, reversed: bool) -> (Vec<Row>, bool) {
+    let mut plan = Vec::with_capacity(args.scenarios.len() * (args.security.len() + 1));
     for &scenario in &args.scenarios {
         if matches!(scenario, Scenario::Overload | Scenario::Abuse) && args.addr.is_some() {
             eprintln!(
@@ -154,27 +153,36 @@ async fn run_round(args: &Args, env: &Env<'_>) -> (Vec<Row>, bool) {
         } else {
             vec![Mode::Plain]
         };
-        for mode in modes {
-            match scenarios::run(env, scenario, mode).await {
-                Ok(measured) => {
-                    let row = Row::new(scenario, mode, measured, args.payload_bytes);
-                    eprintln!(
-                        "{:>18}: {} events, {:.0} events/s, queue {:?}",
-                        row.scenario, row.events, row.events_per_sec, row.queue_check
-                    );
-                    rows.push(row);
-                }
-                Err(error) => {
-                    eprintln!(
-                        "ingest-bench: {} failed: {error:#}",
-                        scenarios::row_name(scenario, mode)
-                    );
-                    ok = false;
-                }
+        plan.extend(modes.into_iter().map(|mode| (scenario, mode)));
+    }
+    let mut order: Vec<usize> = (0..plan.len()).collect();
+    if reversed {
+        order.reverse();
+    }
+    let mut ok = true;
+    let mut rows = Vec::with_capacity(plan.len());
+    for i in order {
+        let (scenario, mode) = plan[i];
+        match scenarios::run(env, scenario, mode).await {
+            Ok(measured) => {
+                let row = Row::new(scenario, mode, measured, args.payload_bytes);
+                eprintln!(
+                    "{:>18}: {} events, {:.0} events/s, queue {:?}",
+                    row.scenario, row.events, row.events_per_sec, row.queue_check
+                );
+                rows.push((i, row));
+            }
+            Err(error) => {
+                eprintln!(
+                    "ingest-bench: {} failed: {error:#}",
+                    scenarios::row_name(scenario, mode)
+                );
+                ok = false;
             }
         }
     }
-    (rows, ok)
+    rows.sort_by_key(|&(i, _)| i);
+    (rows.into_iter().map(|(_, row)| row).collect(), ok)
 }
 
 /// A payload of `len` bytes, not all zeros (so nothing on the way can shortcut
