@@ -305,12 +305,16 @@ async fn a_caller_that_does_not_read_its_acks_is_pushed_back() {
         &[("INGEST_BUFFER_BYTES", "16MiB")],
     );
     server.ready_client().await;
-    // Small client windows, so what the client's HTTP/2 layer takes in while the
-    // caller reads nothing stays small.
+    // A small stream window, so what the client's HTTP/2 layer takes in while the
+    // caller reads nothing stays small (64 KiB of acks, about 2,700). The connection
+    // window is larger: h2 (0.4.20 on) lets a connection hold unread small DATA frames
+    // for at most half of it, counting 256 bytes less each frame's size per frame, and
+    // past that closes it (GOAWAY "too_many_data_frames"). With 64 KiB it did, once
+    // the acks came one per frame: 2,700 of them need about 620 KiB.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(64 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
         .connect()
         .await
         .unwrap();
