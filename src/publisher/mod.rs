@@ -754,10 +754,8 @@ async fn publish_batch(
             (Ok(()), None) => outcome.confirmed += 1,
             (Ok(()), Some(_)) => {}
             (Err(error), None) => {
-                match error {
-                    PublishError::Channel(_) | PublishError::Connection(_) => {
-                        shared.repair.notify_one();
-                    }
+                match &error {
+                    lost if lost.lost() => shared.repair.notify_one(),
                     PublishError::ConfirmTimeout => shared.retire(channel),
                     // After a quorum queue's leader died with the node, a channel
                     // opened in the failover was seen to nack every publish for as

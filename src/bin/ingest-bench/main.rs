@@ -155,14 +155,12 @@ async fn run_round(args: &Args, env: &Env<'_>, reversed: bool) -> (Vec<Row>, boo
         };
         plan.extend(modes.into_iter().map(|mode| (scenario, mode)));
     }
-    let mut order: Vec<usize> = (0..plan.len()).collect();
     if reversed {
-        order.reverse();
+        plan.reverse();
     }
     let mut ok = true;
     let mut rows = Vec::with_capacity(plan.len());
-    for i in order {
-        let (scenario, mode) = plan[i];
+    for (scenario, mode) in plan {
         match scenarios::run(env, scenario, mode).await {
             Ok(measured) => {
                 let row = Row::new(scenario, mode, measured, args.payload_bytes);
@@ -170,7 +168,7 @@ async fn run_round(args: &Args, env: &Env<'_>, reversed: bool) -> (Vec<Row>, boo
                     "{:>18}: {} events, {:.0} events/s, queue {:?}",
                     row.scenario, row.events, row.events_per_sec, row.queue_check
                 );
-                rows.push((i, row));
+                rows.push(row);
             }
             Err(error) => {
                 eprintln!(
@@ -181,8 +179,10 @@ async fn run_round(args: &Args, env: &Env<'_>, reversed: bool) -> (Vec<Row>, boo
             }
         }
     }
-    rows.sort_by_key(|&(i, _)| i);
-    (rows.into_iter().map(|(_, row)| row).collect(), ok)
+    if reversed {
+        rows.reverse();
+    }
+    (rows, ok)
 }
 
 /// A payload of `len` bytes, not all zeros (so nothing on the way can shortcut
